@@ -1,0 +1,7 @@
+"""``python -m schane`` (and ``torchrun -m schane``) runs the CLI."""
+
+import sys
+
+from schane.cli import main
+
+sys.exit(main())

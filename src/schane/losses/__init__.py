@@ -1,0 +1,1 @@
+"""schane.losses: pure tensor contrastive losses."""

@@ -120,6 +120,7 @@ class TrainConfig:
     eval_every: int = 1
     ckpt_every_steps: int | None = None
     max_steps_per_epoch: int | None = None
+    log_every_steps: int = 20
     tensorboard: bool = False
     progress: bool = True
     test_at_end: bool = True
@@ -407,6 +408,30 @@ def validate(cfg: Config) -> None:
         cfg.train.ema_decay is None or 0.0 < cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in (0, 1) or null"
     )
     need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
+    need(
+        cfg.train.ckpt_every_steps is None or cfg.train.ckpt_every_steps >= 1,
+        "train.ckpt_every_steps",
+        "must be >= 1 or null",
+    )
+    need(
+        cfg.train.max_steps_per_epoch is None or cfg.train.max_steps_per_epoch >= 1,
+        "train.max_steps_per_epoch",
+        "must be >= 1 or null",
+    )
+    need(cfg.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    need(
+        cfg.train.device == "auto" or cfg.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        "train.device",
+        f"must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}",
+    )
+    need(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad", "must be > 0 or null")
+    need(
+        0.0 <= cfg.optim.betas[0] < 1.0 and 0.0 <= cfg.optim.betas[1] < 1.0,
+        "optim.betas",
+        "both must be in [0, 1)",
+    )
+    need(cfg.model.drop_rate >= 0 and cfg.model.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
+    need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", "must be a plain directory name")
     need(cfg.fewshot.ways >= 2, "fewshot.ways", "must be >= 2")
     need(all(s >= 1 for s in cfg.fewshot.shots) and cfg.fewshot.shots, "fewshot.shots", "must be a list of ints >= 1")
     need(cfg.fewshot.queries >= 1, "fewshot.queries", "must be >= 1")

@@ -1,0 +1,106 @@
+"""Joint objective ``total = lam * contrastive + (1 - lam) * cross_entropy``.
+
+Example:
+    >>> import torch
+    >>> from schane.losses import JointLoss, SCHaNeLoss
+    >>> joint = JointLoss(SCHaNeLoss(), lam=0.9)
+    >>> logits, z = torch.randn(8, 4, requires_grad=True), torch.randn(8, 128, requires_grad=True)
+    >>> y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    >>> out = joint(logits, y, z)
+    >>> out.total.backward()  # out.contrastive and out.ce are kept for logging
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class JointLossOutput(NamedTuple):
+    """Total loss and its components; a component that was not computed is ``None``."""
+
+    total: torch.Tensor
+    contrastive: torch.Tensor | None
+    ce: torch.Tensor | None
+
+
+class JointLoss(nn.Module):
+    """``lam * contrastive + (1 - lam) * CE``.
+
+    Args:
+        contrastive: a contrastive loss module (e.g. :class:`SCHaNeLoss`), or ``None`` for CE only.
+        lam: weight of the contrastive term in [0, 1]; ``lam=1`` computes no CE and ``lam=0`` no contrastive term.
+        label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
+
+    Raises:
+        ValueError: if ``lam`` is outside [0, 1] or ``label_smoothing`` outside [0, 1).
+    """
+
+    def __init__(self, contrastive: nn.Module | None, lam: float = 0.9, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
+            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+        if not (0.0 <= label_smoothing < 1.0):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.contrastive = contrastive
+        self.lam = float(lam) if contrastive is not None else 0.0
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
+        contrastive_labels: torch.Tensor | None = None,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> JointLossOutput:
+        """Compute the joint loss.
+
+        Args:
+            logits: ``[N, C]`` classifier outputs (cast to float32 for CE).
+            labels: ``[N]`` class indices for CE (and for the contrastive term unless ``contrastive_labels``).
+            embeddings: ``[N, P]`` projections for the contrastive term (required when ``lam > 0``).
+            contrastive_labels: ``[N]`` labels for the contrastive term (instance ids for unsupervised losses).
+            ref_embeddings: ``[M, P]`` extra contrast samples (e.g. a memory queue), or ``None``.
+            ref_labels: ``[M]`` their labels, or ``None``.
+
+        Returns:
+            ``JointLossOutput(total, contrastive, ce)``.
+
+        Raises:
+            ValueError: on shape mismatches or missing embeddings.
+        """
+        ce = None
+        con = None
+        if self.lam < 1.0:
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise ValueError(f"logits must be 2-D [N, C], got {getattr(logits, 'shape', type(logits))}")
+            if (
+                not isinstance(labels, torch.Tensor)
+                or labels.dim() != 1
+                or labels.shape[0] != logits.shape[0]
+            ):
+                raise ValueError(
+                    f"labels must be 1-D of length {logits.shape[0]} (rows of logits), "
+                    f"got {getattr(labels, 'shape', type(labels))}"
+                )
+            ce = F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
+        if self.lam > 0.0:
+            if embeddings is None:
+                raise ValueError("embeddings are required when lam > 0 (the contrastive term)")
+            y = labels if contrastive_labels is None else contrastive_labels
+            con = self.contrastive(embeddings, y, ref_embeddings, ref_labels)
+        if ce is None:
+            total = con
+        elif con is None:
+            total = ce
+        else:
+            total = self.lam * con + (1.0 - self.lam) * ce
+        return JointLossOutput(total, con, ce)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"

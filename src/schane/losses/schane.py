@@ -1,0 +1,144 @@
+"""SCHaNe: supervised contrastive loss with hard-negative weighting (Long et al., 2023).
+
+With ``s_ij = z_i . z_j / tau`` (``z`` L2-normalised when ``normalize``), positives
+``P(i) = {j != i : y_j = y_i}``, negatives ``N(i) = {k : y_k != y_i}`` and hard-negative weights
+``w_ik = exp(beta s_ik) / mean_{k' in N(i)} exp(beta s_ik')`` (they average 1 over the anchor's negatives),
+``Ng_i = sum_{k in N(i)} w_ik exp(s_ik)``:
+
+* ``positive_mode="mean"`` (the authors' released form): ``pos_i = mean_{p in P(i)} exp(s_ip)`` and
+  ``l_i = -log(pos_i / (pos_i + Ng_i))``;
+* ``positive_mode="each"``: ``l_i = mean_{p in P(i)} -log(exp(s_ip) / (exp(s_ip) + Ng_i))``.
+
+The loss is the mean of ``l_i`` over anchors with at least one positive (a zero connected to the graph when
+there is none). ``beta=0`` gives the unweighted label-aware loss.
+
+Example:
+    >>> import torch
+    >>> from schane.losses import SCHaNeLoss
+    >>> loss_fn = SCHaNeLoss(temperature=0.5, beta=1.0)
+    >>> z = torch.randn(8, 128, requires_grad=True)        # two views of 4 images
+    >>> y = torch.tensor([0, 1, 2, 0, 0, 1, 2, 0])         # labels repeated per view
+    >>> loss = loss_fn(z, y)
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._logspace import SCHaNeKernel, contrastive_loss
+from ._validation import check_beta, check_chunk_size, check_positive_mode, check_temperature
+
+
+def schane_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.5,
+    beta: float = 1.0,
+    positive_mode: str = "mean",
+    normalize: bool = True,
+    detach_weights: bool = False,
+    gather_distributed: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Functional SCHaNe loss; see :class:`SCHaNeLoss` for the arguments.
+
+    Returns:
+        Scalar loss (float32, or float64 for float64 inputs).
+
+    Raises:
+        ValueError: on bad hyper-parameters or inputs.
+    """
+    kernel = SCHaNeKernel(check_beta(beta), check_positive_mode(positive_mode), bool(detach_weights))
+    return contrastive_loss(
+        kernel,
+        embeddings,
+        labels,
+        ref_embeddings,
+        ref_labels,
+        temperature=check_temperature(temperature),
+        normalize=normalize,
+        gather_distributed=gather_distributed,
+        chunk_size=check_chunk_size(chunk_size),
+    )
+
+
+class SCHaNeLoss(nn.Module):
+    """Supervised contrastive loss with hard-negative weighting (the module docstring has the formula).
+
+    Args:
+        temperature: ``tau`` > 0.
+        beta: hard-negative concentration >= 0 (0 = plain label-aware loss, every weight exactly 1).
+        positive_mode: ``"mean"`` (average positive similarity inside the log, as released) or ``"each"``
+            (one term per positive pair).
+        normalize: L2-normalise embeddings (and ``ref_embeddings``) first.
+        detach_weights: treat the weights ``w_ik`` as constants in backward.
+        gather_distributed: contrast each rank's anchors with all ranks' embeddings and labels (differentiable
+            all-gather). The returned value is ``world_size x`` this rank's share, so its mean over ranks is the
+            full-batch loss and DDP's gradient averaging yields the full-batch gradient. No-op (one warning)
+            without a process group.
+        chunk_size: evaluate this many anchor rows at a time and recompute them in backward, so the
+            ``[N, M]`` similarity matrix is never held whole; ``None`` = one block.
+
+    Shapes:
+        ``forward(embeddings[N, D], labels[N], ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``.
+        With ``ref_embeddings`` the anchors are ``embeddings`` and the contrast set is
+        ``embeddings`` plus ``ref_embeddings`` (self excluded).
+
+    Raises:
+        ValueError: on ``temperature <= 0``, ``beta < 0``, unknown ``positive_mode``, bad ``chunk_size``, and in
+            ``forward`` on non-2-D or non-finite embeddings, wrong labels, or mismatched ref tensors.
+    """
+
+    supervised: bool = True
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        beta: float = 1.0,
+        positive_mode: str = "mean",
+        normalize: bool = True,
+        detach_weights: bool = False,
+        gather_distributed: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.beta = check_beta(beta)
+        self.positive_mode = check_positive_mode(positive_mode)
+        self.normalize = bool(normalize)
+        self.detach_weights = bool(detach_weights)
+        self.gather_distributed = bool(gather_distributed)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``embeddings[N, D]`` with ``labels[N]``; see the class docstring."""
+        return schane_loss(
+            embeddings,
+            labels,
+            ref_embeddings,
+            ref_labels,
+            temperature=self.temperature,
+            beta=self.beta,
+            positive_mode=self.positive_mode,
+            normalize=self.normalize,
+            detach_weights=self.detach_weights,
+            gather_distributed=self.gather_distributed,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, beta={self.beta}, positive_mode={self.positive_mode!r}, "
+            f"normalize={self.normalize}, gather_distributed={self.gather_distributed}, chunk_size={self.chunk_size}"
+        )

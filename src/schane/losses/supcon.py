@@ -1,0 +1,104 @@
+"""Supervised contrastive loss ``L_out`` (Khosla et al., 2020).
+
+``l_i = -1/|P(i)| sum_{p in P(i)} log(exp(s_ip) / sum_{a != i} exp(s_ia))`` with ``s = z_i . z_j / tau``,
+averaged over anchors that have at least one positive. Agrees with
+``pytorch_metric_learning.losses.SupConLoss`` whenever the batch has negatives.
+
+Example:
+    >>> import torch
+    >>> from schane.losses import SupConLoss
+    >>> z = torch.randn(6, 32, requires_grad=True)
+    >>> loss = SupConLoss(temperature=0.1)(z, torch.tensor([0, 0, 1, 1, 2, 2]))
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._logspace import SupConKernel, contrastive_loss
+from ._validation import check_chunk_size, check_temperature
+
+
+def supcon_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Functional SupCon loss; see :class:`SupConLoss` for the arguments.
+
+    Raises:
+        ValueError: on bad hyper-parameters or inputs.
+    """
+    return contrastive_loss(
+        SupConKernel(),
+        embeddings,
+        labels,
+        ref_embeddings,
+        ref_labels,
+        temperature=check_temperature(temperature),
+        normalize=normalize,
+        gather_distributed=gather_distributed,
+        chunk_size=check_chunk_size(chunk_size),
+    )
+
+
+class SupConLoss(nn.Module):
+    """SupCon ``L_out`` (the module docstring has the formula).
+
+    Args:
+        temperature: ``tau`` > 0.
+        normalize: L2-normalise embeddings first.
+        gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
+        chunk_size: see :class:`schane.losses.SCHaNeLoss`.
+
+    Shapes:
+        ``forward(embeddings[N, D], labels[N], ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``.
+
+    Raises:
+        ValueError: on ``temperature <= 0``, bad ``chunk_size`` or bad inputs to ``forward``.
+    """
+
+    supervised: bool = True
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        normalize: bool = True,
+        gather_distributed: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.normalize = bool(normalize)
+        self.gather_distributed = bool(gather_distributed)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``embeddings[N, D]`` with ``labels[N]``."""
+        return supcon_loss(
+            embeddings,
+            labels,
+            ref_embeddings,
+            ref_labels,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            gather_distributed=self.gather_distributed,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, chunk_size={self.chunk_size}"

@@ -128,7 +128,13 @@ class TrainConfig:
 
 @dataclass
 class FewShotConfig:
-    """Few-shot evaluation (see :mod:`schane.fewshot`)."""
+    """Few-shot evaluation (see :mod:`schane.fewshot` and docs/fewshot.md).
+
+    ``protocol`` ``"A"``: frozen features + logistic regression (``logreg_c``; when
+    ``logreg_c_grid`` is non-empty, C is chosen from it on validation-class episodes);
+    ``"B"``: per-episode fine-tuning (``finetune_steps``, ``finetune_lr``, ``finetune_loss``
+    ``"ce"`` or ``"joint"``). ``n_jobs`` parallelises protocol A's episodes (-1: all cores).
+    """
 
     ways: int = 5
     shots: list[int] = field(default_factory=lambda: [1, 5])
@@ -144,6 +150,9 @@ class FewShotConfig:
     finetune_steps: int = 20
     finetune_lr: float = 1e-3
     include_pretrained: bool = True
+    logreg_c_grid: list[float] = field(default_factory=list)
+    finetune_loss: str = "ce"
+    n_jobs: int = -1
 
 
 @dataclass

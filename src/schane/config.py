@@ -157,14 +157,42 @@ class FewShotConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Embedding analysis and comparison report (see :mod:`schane.analysis`)."""
+    """Embedding analysis and comparison report (see :mod:`schane.analysis` and docs/analysis.md).
+
+    ``split`` is the evaluation split whose pooled features are analysed (``test`` means
+    ``test_classes`` on few-shot datasets). ``max_points`` caps the class-balanced t-SNE
+    subsample, ``metric_max_points`` the subsample of the pairwise metrics (alignment,
+    uniformity, silhouette). ``knn_reference`` is ``loo`` (leave-one-out within the split) or
+    ``train`` (train-split features as neighbours; classification datasets only).
+    ``methods`` are the compared runs (``ce``, ``schane``, ``supcon``, ``simclr``, ``hcl``,
+    ``schane_beta0``, or ``LOSS@key=value,...``); ``sweeps`` maps a dotted key such as
+    ``loss.lam`` to values, one SCHaNe run each. ``projections`` adds the metrics of the
+    projection-head outputs.
+    """
 
     split: str = "test"
     max_points: int = 2000
+    metric_max_points: int = 5000
     tsne_perplexity: float = 30.0
     knn_k: int = 5
+    knn_reference: str = "loo"
     methods: list[str] = field(default_factory=lambda: ["ce", "schane"])
     sweeps: dict[str, list[float]] = field(default_factory=dict)
+    projections: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_points >= 3, "analysis.max_points", "must be >= 3"),
+            (self.metric_max_points >= 3, "analysis.metric_max_points", "must be >= 3"),
+            (self.tsne_perplexity > 0, "analysis.tsne_perplexity", "must be > 0"),
+            (self.knn_k >= 1, "analysis.knn_k", "must be >= 1"),
+            (self.knn_reference in ("loo", "train"), "analysis.knn_reference", "must be 'loo' or 'train'"),
+            (len(self.methods) >= 1, "analysis.methods", "must list at least one method, e.g. [ce, schane]"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
 
 
 @dataclass

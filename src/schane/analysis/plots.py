@@ -369,8 +369,14 @@ def _metric_keys(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         for k, v in r.items():
             if k not in keys and _is_number(v):
                 keys.append(k)
-    losses = [k for k in keys if "loss" in k]
-    accs = [k for k in keys if ("acc" in k or "top1" in k) and "loss" not in k]
+    keys = [k for k in keys if not k.startswith("best_")]
+
+    def is_loss(k: str) -> bool:
+        return "loss" in k or k in ("ce", "contrastive") or k.endswith(("_ce", "_contrastive"))
+
+    # per-step "loss"/"ce"/"contrastive" duplicate the per-epoch "train_*" means when both exist
+    losses = [k for k in keys if is_loss(k) and not (k in ("loss", "ce", "contrastive") and f"train_{k}" in keys)]
+    accs = [k for k in keys if ("acc" in k or "top1" in k) and not is_loss(k)]
     return losses, accs
 
 
@@ -385,8 +391,9 @@ def training_curves(
 ) -> Path:
     """Plot loss components and accuracies against epochs from ``metrics.jsonl`` files.
 
-    Every numeric key containing ``loss`` (``loss``, ``loss_ce``, ``loss_contrastive``,
-    ``val_loss``...) goes to the left panel and every key containing ``acc`` or ``top1``
+    Every numeric loss key (containing ``loss``, or ``ce``/``contrastive`` and their
+    ``train_``/``loss_`` forms; per-step keys are dropped when per-epoch ``train_*`` means
+    exist) goes to the left panel and every key containing ``acc`` or ``top1``
     (``train_acc``, ``val_top1``...) to the right one; a colour per run, a line style per key.
     Records sharing an epoch (per-step logs) are averaged; without ``epoch`` the x axis is
     ``step``. Missing keys are skipped. Accuracies stored as fractions are shown in percent.

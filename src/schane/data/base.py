@@ -1,0 +1,360 @@
+"""Shared building blocks for the dataset readers.
+
+Every reader turns its on-disk layout into an :class:`ImageDataset`: a list of samples
+(file paths or indices into an in-memory array), integer labels ``0..C-1`` and class
+names. The helpers here do the parts all readers share: seeded validation hold-outs,
+few-shot class splits, the bundled split files and error messages that name the
+expected layout.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+Transform = Callable[[Image.Image], Any]
+
+CLASSIFICATION_SPLITS = ("train", "val", "test")
+FEWSHOT_SPLITS = ("train", "val", "val_classes", "test_classes")
+
+
+class CorruptImageError(ValueError):
+    """An image file (or encoded image) could not be decoded."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as PIL RGB.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        The decoded image in RGB mode.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        CorruptImageError: If the file is not a readable image (the message names the file).
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"image file {path} does not exist; check the dataset root and its layout"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(
+            f"cannot decode image file {path} ({err}); the file is corrupt or not an image: re-extract or remove it"
+        ) from err
+
+
+def decode_image_bytes(data: bytes, what: str) -> Image.Image:
+    """Decode an encoded image (PNG/JPEG bytes) to PIL RGB; ``what`` names it in errors.
+
+    Raises:
+        CorruptImageError: If the bytes are not a readable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"cannot decode {what} ({err}); the file is corrupt: re-extract it") from err
+
+
+def array_to_image(arr: np.ndarray) -> Image.Image:
+    """Convert a uint8 array ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` to PIL RGB."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(arr.astype(np.uint8, copy=False)).convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """A labelled image dataset: ``ds[i] -> (transform(PIL RGB image), label)``.
+
+    Args:
+        samples: One entry per image, passed to ``loader`` (a path, an index into an array, ...).
+        targets: Integer label per sample, in ``0..len(classes)-1``.
+        classes: Class names; ``classes[label]`` names a label.
+        loader: Turns a sample entry into a PIL RGB image.
+        transform: Applied to the PIL image (``None`` returns the PIL image).
+        name: Dataset name (for ``repr``).
+        split: Split name (for ``repr``).
+
+    Raises:
+        ValueError: If lengths differ or a label is out of range.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Any],
+        targets: Sequence[int],
+        classes: Sequence[str],
+        loader: Callable[[Any], Image.Image],
+        transform: Transform | None = None,
+        name: str = "",
+        split: str = "",
+    ) -> None:
+        if len(samples) != len(targets):
+            raise ValueError(f"{len(samples)} samples but {len(targets)} targets; they must match one to one")
+        self.samples = list(samples)
+        self.targets: list[int] = [int(t) for t in targets]
+        self.classes: list[str] = [str(c) for c in classes]
+        if self.targets and (min(self.targets) < 0 or max(self.targets) >= len(self.classes)):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1} (one per class name)")
+        self.loader = loader
+        self.transform = transform
+        self.name = name
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self.loader(self.samples[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={len(self.classes)})"
+        )
+
+    def subset(
+        self, indices: Sequence[int], *, split: str | None = None, relabel: bool = False
+    ) -> ImageDataset:
+        """A new dataset with only ``indices`` (labels remapped to ``0..C'-1`` when ``relabel``)."""
+        samples = [self.samples[i] for i in indices]
+        targets = [self.targets[i] for i in indices]
+        classes = self.classes
+        if relabel:
+            kept = sorted(set(targets))
+            remap = {old: new for new, old in enumerate(kept)}
+            targets = [remap[t] for t in targets]
+            classes = [self.classes[k] for k in kept]
+        return ImageDataset(
+            samples, targets, classes, self.loader, self.transform, self.name, split or self.split
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation and errors
+
+
+def check_split(name: str, split: str, allowed: Sequence[str]) -> None:
+    """Raise a ValueError naming the allowed splits when ``split`` is not one of them."""
+    if split not in allowed:
+        raise ValueError(f"dataset {name!r} has splits {tuple(allowed)}; got split={split!r}")
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    """Raise a ValueError unless ``0 <= val_fraction < 1``."""
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def require_root(name: str, root: str | os.PathLike | None, layout: str) -> Path:
+    """Return ``root`` as a Path, or raise FileNotFoundError showing the expected layout.
+
+    Raises:
+        FileNotFoundError: If ``root`` is None or not an existing directory.
+    """
+    if root is None:
+        raise FileNotFoundError(
+            f"dataset {name!r} needs a root directory: pass root=... (data.root in a config). Expected layout:\n{layout}"
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"root {path} for dataset {name!r} is not a directory; set root=... (data.root) to the folder laid "
+            f"out as:\n{layout}"
+        )
+    return path
+
+
+def require_file(name: str, path: Path, layout: str, hint: str = "") -> Path:
+    """Return ``path`` if it exists, else raise FileNotFoundError showing the expected layout."""
+    if not path.exists():
+        extra = f" {hint}" if hint else ""
+        raise FileNotFoundError(
+            f"dataset {name!r}: {path} not found.{extra} Set root=... (data.root) to the folder laid out as:\n{layout}"
+        )
+    return path
+
+
+def check_classes_present(name: str, wanted: Sequence[str], available: Sequence[str], where: str) -> None:
+    """Raise a ValueError naming every class in ``wanted`` that is absent from ``available``."""
+    have = set(available)
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise ValueError(
+            f"dataset {name!r}: {len(missing)} listed class(es) missing from {where}: {shown}. "
+            "Check that root points at the complete dataset."
+        )
+
+
+def check_no_empty_class(name: str, targets: Sequence[int], classes: Sequence[str], where: str) -> None:
+    """Raise a ValueError naming classes with no images."""
+    counts = (
+        np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(classes))
+        if len(targets)
+        else np.zeros(len(classes), dtype=np.int64)
+    )
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        shown = ", ".join(empty[:20]) + (f", ... ({len(empty)} in all)" if len(empty) > 20 else "")
+        raise ValueError(
+            f"dataset {name!r}: class(es) with no images in {where}: {shown}. Remove them or add images."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def holdout_indices(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded, per-class (stratified) hold-out of ``val_fraction`` of each class.
+
+    Each class with ``n >= 2`` images gives ``max(1, round(val_fraction * n))`` images to the
+    hold-out (never all of them); a class with one image stays in train. ``val_fraction=0``
+    gives an empty hold-out.
+
+    Args:
+        targets: Label per sample.
+        val_fraction: Fraction of each class to hold out, in ``[0, 1)``.
+        seed: Seed of the permutation.
+
+    Returns:
+        ``(train_indices, val_indices)``, both sorted.
+
+    Raises:
+        ValueError: If ``val_fraction`` is outside ``[0, 1)``.
+    """
+    check_val_fraction(val_fraction)
+    targets_arr = np.asarray(targets, dtype=np.int64)
+    if val_fraction == 0 or targets_arr.size == 0:
+        return list(range(len(targets_arr))), []
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for c in np.unique(targets_arr):
+        idx = np.flatnonzero(targets_arr == c)
+        if idx.size < 2:
+            continue
+        k = min(idx.size - 1, max(1, int(round(val_fraction * idx.size))))
+        val.extend(rng.permutation(idx)[:k].tolist())
+    val_set = set(val)
+    train = [i for i in range(len(targets_arr)) if i not in val_set]
+    return train, sorted(val)
+
+
+def classification_split(
+    train_full: ImageDataset, test: ImageDataset | None, split: str, val_fraction: float, seed: int
+) -> ImageDataset:
+    """Pick ``train``/``val`` (seeded hold-out of the official train) or ``test`` (official test).
+
+    Raises:
+        ValueError: If ``split`` is unknown or a class of the training set has no images.
+    """
+    check_split(train_full.name, split, CLASSIFICATION_SPLITS)
+    if split == "test":
+        if test is None:
+            raise ValueError(f"dataset {train_full.name!r} has no test split")
+        test.split = "test"
+        return test
+    check_no_empty_class(train_full.name, train_full.targets, train_full.classes, "the training split")
+    tr, va = holdout_indices(train_full.targets, val_fraction, seed)
+    return train_full.subset(tr if split == "train" else va, split=split)
+
+
+def fewshot_split(
+    pooled: ImageDataset,
+    class_lists: dict[str, Sequence[str]],
+    split: str,
+    val_fraction: float,
+    seed: int,
+    where: str,
+) -> ImageDataset:
+    """Build a few-shot split from all images of all classes.
+
+    Args:
+        pooled: Every image of every class (labels index ``pooled.classes``).
+        class_lists: ``{"train": [...], "val": [...], "test": [...]}`` class names per split.
+        split: ``train``/``val`` (base classes, seeded hold-out), ``val_classes``, ``test_classes``.
+        val_fraction: Hold-out fraction of the base-class images for ``val``.
+        seed: Hold-out seed.
+        where: Description of the data for error messages.
+
+    Returns:
+        The split, labels ``0..C-1`` in the order of its class list.
+
+    Raises:
+        ValueError: If the split is unknown, the class lists overlap, a listed class is missing
+            or has no images.
+    """
+    check_split(pooled.name, split, FEWSHOT_SPLITS)
+    seen: dict[str, str] = {}
+    for part, names in class_lists.items():
+        for c in names:
+            if c in seen and seen[c] != part:
+                raise ValueError(
+                    f"dataset {pooled.name!r}: class {c!r} is in both the {seen[c]} and {part} lists"
+                )
+            seen[c] = part
+    part = {"train": "train", "val": "train", "val_classes": "val", "test_classes": "test"}[split]
+    names = list(class_lists[part])
+    check_classes_present(pooled.name, names, pooled.classes, where)
+    pos = {c: i for i, c in enumerate(pooled.classes)}
+    remap = {pos[c]: i for i, c in enumerate(names)}
+    idx = [i for i, t in enumerate(pooled.targets) if t in remap]
+    ds = ImageDataset(
+        [pooled.samples[i] for i in idx],
+        [remap[pooled.targets[i]] for i in idx],
+        names,
+        pooled.loader,
+        pooled.transform,
+        pooled.name,
+        split,
+    )
+    check_no_empty_class(pooled.name, ds.targets, ds.classes, where)
+    if split in ("train", "val"):
+        tr, va = holdout_indices(ds.targets, val_fraction, seed)
+        ds = ds.subset(tr if split == "train" else va, split=split)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bundled split files
+
+
+def split_path(*parts: str) -> Any:
+    """A Traversable for a file under the package's ``splits/`` directory."""
+    return importlib.resources.files("schane.data").joinpath("splits", *parts)
+
+
+def read_split_lines(*parts: str) -> list[str]:
+    """Non-empty, stripped lines of a bundled split file, e.g. ``read_split_lines("cifar_fs", "train.txt")``."""
+    text = split_path(*parts).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (sorted, hidden files skipped)."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+    )
+
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

@@ -20,6 +20,14 @@ from schane.fewshot.evaluators import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
 class ToyImages(Dataset):
     """Tiny 3x8x8 images: class c is a fixed random pattern plus noise; ``noise`` re-drawn per access."""
 

@@ -241,7 +241,7 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
 
     if fs.include_pretrained:
         print(f"[fewshot] {PRETRAINED}: {cfg.model.backbone} without fine-tuning")
-        selected, per_ep = select_and_test([("none", lambda: pretrained)], PRETRAINED)
+        selected, per_ep = select_and_test([("none", lambda m=pretrained: m)], PRETRAINED)
         add_row(PRETRAINED, None, None, selected, per_ep)
     del pretrained
 

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,8 +311,3 @@ class Throughput:
     @property
     def value(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def iterate_batches(batches: list[list[int]], start: int) -> Iterator[list[int]]:
-    """The batches from ``start`` on (used as a DataLoader ``batch_sampler``)."""
-    yield from batches[start:]

@@ -131,6 +131,8 @@ def param_groups_layer_decay(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     ids, num_layers = layer_ids(model)
     no_decay_names = _no_decay_names(model)
     decay_factor = 1.0 if layer_decay is None else float(layer_decay)
@@ -150,8 +152,6 @@ def param_groups_layer_decay(
                 "group_name": f"layer_{lid}_{'no_decay' if no_decay else 'decay'}",
             }
         groups[key]["params"].append(param)
-    if not groups:
-        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     return [groups[k] for k in sorted(groups)]
 
 
@@ -196,7 +196,7 @@ class WarmupCosineLR(LRScheduler):
 
     Args:
         optimizer: optimiser whose groups may carry ``lr_scale`` (default 1) and ``peak_lr``
-            (default: the group's initial lr divided by its scale).
+            (the unscaled peak; default: the group's current lr, which the scale then multiplies).
         warmup_steps: steps of linear warmup (0 for none).
         total_steps: total optimiser steps; the rate reaches ``min_lr`` there.
         min_lr: final (unscaled) learning rate.
@@ -226,9 +226,7 @@ class WarmupCosineLR(LRScheduler):
         self.min_lr = float(min_lr)
         for g in optimizer.param_groups:
             g.setdefault("lr_scale", 1.0)
-            if "peak_lr" not in g:
-                scale = g["lr_scale"] if g["lr_scale"] > 0 else 1.0
-                g["peak_lr"] = g.get("initial_lr", g["lr"]) / scale
+            g.setdefault("peak_lr", g.get("initial_lr", g["lr"]))
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:

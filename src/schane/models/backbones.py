@@ -347,6 +347,12 @@ def create_backbone(
                 f"unknown backbone {name!r}: not a timm model, a BEiT-3 name ({', '.join(BEIT3_CONFIGS)}) or "
                 f"{EFFNET_LITE0_OFFLINE!r}; list timm models with timm.list_models()"
             )
+        tag = name.partition(".")[2]
+        if tag and name not in timm.list_pretrained(name):
+            known = ", ".join(timm.list_pretrained(f"{model_name}.*")) or "none"
+            raise ValueError(
+                f"unknown pretrained tag {tag!r} for timm model {model_name!r}; available: {known}"
+            )
         tkw = _timm_kwargs(drop_path, drop_rate, kwargs)
         if checkpoint is None and pretrained:
             backbone = create_timm_pretrained(name, **tkw)

@@ -56,3 +56,31 @@ def test_missing_file():
 def test_override_syntax():
     with pytest.raises(ValueError, match="key.sub=value"):
         load_config(None, ["loss.name"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.ckpt_every_steps=0", "train.ckpt_every_steps"),
+        ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch"),
+        ("train.log_every_steps=0", "train.log_every_steps"),
+        ("train.device=tpu", "train.device"),
+        ("optim.clip_grad=0", "optim.clip_grad"),
+        ("optim.betas=[0.9,1.0]", "optim.betas"),
+        ("optim.accum_steps=0", "optim.accum_steps"),
+        ("model.drop_rate=1.0", "model.drop_rate"),
+        ("name=a/b", "name"),
+        ("train.ema_decay=1", "train.ema_decay"),
+        ("loss.queue_size=-1", "loss.queue_size"),
+        ("loss.chunk_size=0", "loss.chunk_size"),
+    ],
+)
+def test_training_keys_are_validated(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_training_keys_accept_valid_values():
+    cfg = load_config(None, ["train.ckpt_every_steps=50", "train.device=cuda:1", "optim.clip_grad=null",
+                             "train.max_steps_per_epoch=null", "loss.chunk_size=1024"])
+    assert cfg.train.ckpt_every_steps == 50 and cfg.train.device == "cuda:1" and cfg.optim.clip_grad is None

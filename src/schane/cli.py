@@ -7,10 +7,8 @@ library module it names. Run ``schane COMMAND --help`` for each command's option
 from __future__ import annotations
 
 import argparse
-
 import sys
 from collections.abc import Callable
-
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -31,14 +29,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from schane.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume)
+    if result.metrics.get("test"):
+        t = result.metrics["test"]
+        print(f"test top-1 {100 * t['top1']:.2f}%  top-5 {100 * t['top5']:.2f}%  ({result.run_dir / 'final.json'})")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from schane.engine.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, split=args.split, overrides=args.overrides)
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={args.data}")
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=overrides)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -90,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
     p.add_argument("--split", default="test", help="split to evaluate: train, val or test")
+    p.add_argument("--data", default=None, metavar="ROOT", help="dataset root (default: the checkpoint's data.root)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides of the checkpoint's config, e.g. data.root=/path")
+                   help="overrides of the checkpoint's config, e.g. data.eval_batch_size=64")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("fewshot", help="few-shot protocol: fine-tune on base classes, evaluate N-way K-shot episodes")
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"schane {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

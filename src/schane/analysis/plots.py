@@ -19,6 +19,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from schane.analysis.metrics import _as_labels, _as_matrix
 
@@ -437,8 +438,8 @@ def training_curves(
                 run_handles.append(Line2D([], [], color=color, label=name))
             for s, key in enumerate(keys):
                 x, y, xlabel = _series(recs, key)
-                if not len(x):
-                    continue
+                if not len(x) or not np.any(y):
+                    continue  # absent, or logged as 0 by a run without that term (CE's contrastive)
                 if ylabel.startswith("accuracy") and np.nanmax(y) <= 1.0:
                     y = 100.0 * y
                 style = _STYLES[s % len(_STYLES)]
@@ -447,6 +448,7 @@ def training_curves(
             key_handles.append(Line2D([], [], color="0.3", linestyle=_STYLES[s % len(_STYLES)], label=key))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         leg = ax.legend(handles=key_handles, loc="best", fontsize=8, frameon=False)
         if run_handles and j == len(panels) - 1:

@@ -83,6 +83,8 @@ def compute_embedding_metrics(
 ) -> dict[str, float]:
     """Every embedding metric of one model's features, as a report row's metric entries.
 
+    Every metric sees the L2-normalised features (isotropy and IsoScore too, so that models
+    with different feature norms compare fairly; the other metrics are cosine-based anyway).
     Isotropy, IsoScore, the class similarities and k-NN use all samples; the pairwise metrics
     (alignment over same-class pairs, uniformity, silhouette) a class-balanced subsample of
     at most ``max_points`` samples drawn with ``seed``.
@@ -103,7 +105,7 @@ def compute_embedding_metrics(
     Raises:
         ValueError: on bad shapes or fewer than two classes.
     """
-    X = M._as_matrix(features, "features", min_rows=3)
+    X = M._l2_normalize(M._as_matrix(features, "features", min_rows=3))
     y = M._as_labels(labels, X.shape[0])
     sub = balanced_subsample(y, max_points, seed)
     Xs, ys = X[sub], y[sub]
@@ -113,7 +115,7 @@ def compute_embedding_metrics(
     else:
         knn = M.knn_accuracy(reference[0], reference[1], X, y, k=k)
     return {
-        "isotropy": M.isotropy(X),
+        "isotropy": M.isotropy(X, normalize=True),
         "isoscore": M.isoscore(X),
         "alignment": M.alignment(Xs, labels=ys),
         "uniformity": M.uniformity(Xs),
@@ -131,6 +133,8 @@ def compute_embedding_metrics(
 def _fmt(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
+    if fmt == "{:.3f}" and value != 0 and abs(value) < 5e-4:
+        return f"{value:.1e}"  # e.g. the isotropy of a narrow cone: 3.2e-09, not 0.000
     return fmt.format(value)
 
 
@@ -162,11 +166,13 @@ def _accuracy_entries(row: Mapping[str, Any]) -> dict[str, tuple[float, float | 
     return {str(row.get("accuracy_label", "accuracy")): (float(acc), None if ci is None else float(ci))}
 
 
-def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def _table(rows: Sequence[Mapping[str, Any]], prefix: str = "") -> list[str]:
     acc_labels: list[str] = []
-    for r in rows:
-        acc_labels += [a for a in _accuracy_entries(r) if a not in acc_labels]
-    header = ["method", *[f"{a} (%) ↑" for a in acc_labels], *[h for _, h, _ in METRIC_COLUMNS], "train time"]
+    if not prefix:
+        for r in rows:
+            acc_labels += [a for a in _accuracy_entries(r) if a not in acc_labels]
+    tail = [] if prefix else ["train time"]
+    header = ["method", *[f"{a} (%) ↑" for a in acc_labels], *[h for _, h, _ in METRIC_COLUMNS], *tail]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
         acc = _accuracy_entries(r)
@@ -177,8 +183,9 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 continue
             mean, ci = acc[a]
             cells.append(f"{mean:.2f}" + (f" ± {ci:.2f}" if ci is not None else ""))
-        cells += [_fmt(r.get(key), fmt) for key, _, fmt in METRIC_COLUMNS]
-        cells.append(_fmt_time(r.get("train_time_s")))
+        cells += [_fmt(r.get(prefix + key), fmt) for key, _, fmt in METRIC_COLUMNS]
+        if not prefix:
+            cells.append(_fmt_time(r.get("train_time_s")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -197,8 +204,9 @@ def write_report(
     A row is a mapping with ``method`` (required) and optionally ``label`` (shown instead of
     ``method``), ``accuracy`` — either ``{column label: (mean %, ci %)}`` (e.g.
     ``{"5-way 5-shot": (81.2, 0.6)}``), or a number with ``accuracy_ci`` and ``accuracy_label`` —
-    the metric keys of :func:`compute_embedding_metrics` and ``train_time_s``. Missing values
-    are shown as ``—``. Figures outside ``out_dir`` are copied into it.
+    the metric keys of :func:`compute_embedding_metrics` and ``train_time_s``; the same keys
+    prefixed ``proj_`` go to a table of projection-head metrics. Missing values are shown as
+    ``—``. Figures outside ``out_dir`` are copied into it.
 
     Args:
         rows: the main table's rows, in display order.
@@ -228,6 +236,9 @@ def write_report(
     lines += _table(rows) + [""]
     for heading, srows in (sections or {}).items():
         lines += [f"## {heading}", "", *_table(srows), ""]
+    proj_rows = [r for r in all_rows if any(str(k).startswith("proj_") for k in r)]
+    if proj_rows:
+        lines += ["## Metrics of the projection-head outputs", "", *_table(proj_rows, prefix="proj_"), ""]
     lines += [METRIC_LEGEND]
     fig_entries = []
     for caption, path in (figures or {}).items():
@@ -279,6 +290,12 @@ def _set_dotted(obj: Any, key: str, value: Any) -> Any:
     elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
         value = int(value)
     return dataclasses.replace(obj, **{head: value})
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _parse_method(method: str) -> tuple[str, dict[str, Any]]:
@@ -409,12 +426,71 @@ def _classification_accuracy(final: Mapping[str, Any], model: Any, cfg: Any, dev
 
 
 def _fewshot_accuracy(model: Any, cfg: Any, device: torch.device, progress: bool) -> dict[str, tuple[float, float | None]]:
-    from schane.fewshot import runner
+    """``{"5-way K-shot": (mean %, 95% CI %)}`` on ``test_classes`` episodes (cfg.fewshot).
 
-    return runner.fewshot_accuracy(model, cfg, device=device, progress=progress)
+    Uses schane.fewshot's episode sampler and evaluators, so with the same
+    ``fewshot.episode_seed`` the episodes equal those of ``schane fewshot``. Unlike that
+    command, the checkpoint (``best.pt``) and the logistic-regression ``C``
+    (``fewshot.logreg_c``) are fixed rather than chosen on ``val_classes`` episodes.
+    """
+    from functools import partial
+
+    from schane.data.transforms import support_transform
+    from schane.engine.evaluate import extract_features
+    from schane.engine.utils import IndexedDataset
+    from schane.fewshot.episodes import sample_episodes
+    from schane.fewshot.evaluators import build_feature_bank, evaluate_protocol_a, evaluate_protocol_b
+    from schane.fewshot.stats import mean_ci
+
+    fs = cfg.fewshot
+    eval_ds, base = _eval_dataset(model, cfg, "test_classes")
+    dc = model.data_config
+    support_ds = IndexedDataset(base, support_transform(cfg.data.img_size, tuple(dc["mean"]), tuple(dc["std"])))
+    labels = [int(t) for t in base.targets]
+    episodes = {s: sample_episodes(labels, fs.ways, s, fs.queries, fs.episodes, fs.episode_seed) for s in fs.shots}
+    model = model.to(device).eval()
+    per_shot: dict[int, np.ndarray] = {}
+    if fs.protocol == "A":
+        bank = build_feature_bank(
+            model, eval_ds, support_ds, [e for eps in episodes.values() for e in eps], n_aug=fs.support_aug,
+            seed=fs.episode_seed, batch_size=cfg.data.eval_batch_size, device=device, progress=progress,
+            extract_fn=partial(extract_features, num_workers=cfg.data.num_workers),
+        )
+        for shot, eps in episodes.items():
+            per_shot[shot] = evaluate_protocol_a(bank, eps, C=fs.logreg_c, progress=progress)
+    else:
+        for shot, eps in episodes.items():
+            per_shot[shot] = evaluate_protocol_b(
+                model, eps, support_ds, eval_ds, steps=fs.finetune_steps, lr=fs.finetune_lr, loss=fs.finetune_loss,
+                lam=cfg.loss.lam, temperature=cfg.loss.temperature, beta=cfg.loss.beta, seed=fs.episode_seed,
+                progress=progress,
+            )
+    out = {}
+    for shot, accs in per_shot.items():
+        ci = mean_ci(accs)
+        out[f"{fs.ways}-way {shot}-shot"] = (ci.mean, None if math.isnan(ci.half_width) else ci.half_width)
+    return out
 
 
 # --------------------------------------------------------------------------- compare
+
+
+# sections and keys that do not change what a run trains
+_EVAL_ONLY = ("name", "output_dir", "analysis", "fewshot", "train.progress", "train.test_at_end")
+
+
+def _training_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if key in _EVAL_ONLY:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _training_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va!r} vs {vb!r}")
+    return out
 
 
 def _run_or_reuse(run_cfg: Any, progress: bool) -> tuple[Path, dict[str, Any], float | None]:
@@ -427,18 +503,19 @@ def _run_or_reuse(run_cfg: Any, progress: bool) -> tuple[Path, dict[str, Any], f
     run_dir = run_cfg.run_dir
     timing = run_dir / "compare_time.json"
     if (run_dir / "final.json").is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-        if saved != json.loads(json.dumps(to_dict(run_cfg))):
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        diff = _training_diff(saved or {}, json.loads(json.dumps(to_dict(run_cfg))))
+        if diff:
             raise ValueError(
-                f"{run_dir} holds a finished run with a different config; delete that directory to retrain it, "
-                "or set another output_dir/name for the comparison"
+                f"{run_dir} holds a finished run with a different training config ({'; '.join(diff[:5])}); "
+                "delete that directory to retrain it, or set another output_dir/name for the comparison"
             )
         if progress:
             print(f"reusing {run_dir}")
     else:
         before = json.loads(timing.read_text())["train_time_s"] if timing.is_file() else 0.0
         start = time.perf_counter()
-        train(run_cfg, resume="auto")
+        train(run_cfg, resume="auto" if (run_dir / "last.pt").is_file() else None)
         timing.write_text(json.dumps({"train_time_s": before + time.perf_counter() - start}))
     final = json.loads((run_dir / "final.json").read_text())
     seconds = json.loads(timing.read_text())["train_time_s"] if timing.is_file() else None
@@ -501,10 +578,14 @@ def run_compare(cfg: Any, *, progress: bool | None = None) -> Path:
     jobs: list[tuple[str, str, dict[str, Any], str | None]] = []  # (method, label, overrides, sweep key)
     for m in acfg.methods:
         jobs.append((m, _parse_method(m)[0], {}, None))
+    base_values: dict[str, float] = {}
     for key, values in acfg.sweeps.items():
         if not values:
             raise ValueError(f"analysis.sweeps.{key}: list at least one value")
+        base_values[key] = float(_get_dotted(method_config(cfg, "schane", runs_dir), key))
         for v in values:
+            if "schane" in acfg.methods and float(v) == base_values[key]:
+                continue  # the same run as the "schane" method: reused below
             jobs.append(("schane", f"SCHaNe + CE, {key.split('.')[-1]}={v:g}", {key: v}, key))
     run_cfgs = [method_config(cfg, m, runs_dir, ov) for m, _, ov, _ in jobs]  # validate everything first
 
@@ -535,14 +616,22 @@ def run_compare(cfg: Any, *, progress: bool | None = None) -> Path:
         figures["Training curves"] = plots.training_curves(curves, report_dir / "curves.png")
     except (ValueError, FileNotFoundError) as e:
         print(f"warning: no training curves: {e}")
+    schane_row = next((r for r in rows if r["method"] == "schane"), None)
+    for key in acfg.sweeps:
+        if schane_row is not None:  # the default SCHaNe run is a point of every sweep
+            sweep_rows.setdefault(key, []).append({**schane_row, "sweep_value": base_values[key],
+                                                   "label": f"SCHaNe + CE, {key.split('.')[-1]}={base_values[key]:g}"})
+        sweep_rows[key] = sorted(sweep_rows.get(key, []), key=lambda r: r["sweep_value"])
     if sweep_rows:
         acc_label = _main_accuracy_label(rows or [r for rs in sweep_rows.values() for r in rs])
         sweeps = {
             k: [(r["sweep_value"], *_accuracy_entries(r)[acc_label]) for r in rs] for k, rs in sweep_rows.items()
         }
-        baselines = {r["label"]: _accuracy_entries(r)[acc_label][0] for r in rows if acc_label in _accuracy_entries(r)}
+        baselines = {r["label"]: _accuracy_entries(r)[acc_label][0] for r in rows
+                     if r["method"] != "schane" and acc_label in _accuracy_entries(r)}
         figures["Sweeps"] = plots.sweep_plot(
-            sweeps, report_dir / "sweeps.png", ylabel=f"{acc_label} accuracy (%)", baselines=baselines
+            sweeps, report_dir / "sweeps.png", ylabel=f"{acc_label} accuracy (%)", baselines=baselines,
+            label="SCHaNe + CE (swept)",
         )
     notes = [
         f"dataset `{cfg.data.name}`, backbone `{cfg.model.backbone}`, {cfg.optim.epochs} epochs, "

@@ -63,7 +63,10 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from schane.analysis.report import analyze_checkpoint
 
-    analyze_checkpoint(args.checkpoint, split=args.split, out_dir=args.out, overrides=args.overrides)
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.root={args.data}")
+    analyze_checkpoint(args.checkpoint, split=args.split, out_dir=args.out, overrides=overrides)
     return 0
 
 
@@ -111,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="embedding metrics and t-SNE for one checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
-    p.add_argument("--split", default="test", help="split whose features are analysed")
+    p.add_argument("--split", default="test", help="split whose features are analysed (test = test_classes on few-shot sets)")
+    p.add_argument("--data", default=None, metavar="ROOT", help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides of the checkpoint's config, e.g. data.root=/path")

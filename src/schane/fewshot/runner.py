@@ -160,7 +160,9 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
     if fs.protocol == "B":
         c_grid = [fs.logreg_c]  # unused by protocol B
 
-    pretrained = build_model(cfg.model, fs.ways)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # any randomly initialised part is the same in every rerun
+        pretrained = build_model(cfg.model, fs.ways)
     dc = pretrained.data_config
     splits = _Splits(cfg, tuple(dc["mean"]), tuple(dc["std"]), float(dc.get("crop_pct") or 0.875))
 

@@ -172,6 +172,7 @@ def _add_class_key(
     cmap: ListedColormap | None,
     class_names: Sequence[str] | Mapping[Any, str] | None,
     below: bool,
+    ncol: int = 10,
 ) -> None:
     if cmap is not None:
         norm = BoundaryNorm(np.arange(len(classes) + 1) - 0.5, len(classes))
@@ -189,7 +190,7 @@ def _add_class_key(
         fig.legend(
             handles=handles,
             loc="outside lower center",
-            ncol=min(len(handles), 10),
+            ncol=ncol,
             frameon=False,
             fontsize=9,
             title="class",
@@ -293,9 +294,11 @@ def tsne_panels(
     rows = math.ceil(k / cols)
     many = cmap is not None
     legend_below = k > 1 and not many
-    legend_rows = math.ceil(len(classes) / 10) + 1 if legend_below else 0
     width = 4.2 * cols + (2.4 if (k == 1 and not many) else 0.0) + (1.2 if many else 0.0)
-    height = 4.0 * rows + 0.35 * legend_rows + (0.4 if title else 0.0)
+    longest = max(len(_class_name(c, class_names)) for c in classes.tolist())
+    legend_cols = max(1, min(len(classes), int(width / (0.55 + 0.085 * longest))))
+    legend_rows = math.ceil(len(classes) / legend_cols) + 1 if legend_below else 0
+    height = 4.0 * rows + 0.3 * legend_rows + (0.4 if title else 0.0)
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(k)]
     for ax, (name, (xy, lab)) in zip(axes, embedded.items(), strict=True):
@@ -304,7 +307,7 @@ def tsne_panels(
             ax.set_title(name, fontsize=12)
     if title:
         fig.suptitle(title, fontsize=13)
-    _add_class_key(fig, axes, classes, colors, cmap, class_names, below=legend_below)
+    _add_class_key(fig, axes, classes, colors, cmap, class_names, below=legend_below, ncol=legend_cols)
     return _save(fig, path)
 
 

@@ -8,6 +8,7 @@ import pytest
 from schane.analysis import plots
 from schane.analysis.report import (
     METRIC_COLUMNS,
+    _logged_seconds,
     compute_embedding_metrics,
     method_config,
     write_report,
@@ -90,3 +91,10 @@ def test_analysis_config_validation():
         load_config(None, ["analysis.knn_reference=test"])
     cfg = load_config(None, ["analysis.sweeps={loss.lam: [0.5, 1.0]}", "analysis.methods=[ce, schane_beta0]"])
     assert cfg.analysis.sweeps == {"loss.lam": [0.5, 1.0]} and cfg.analysis.methods == ["ce", "schane_beta0"]
+
+
+def test_train_time_from_metrics_log(tmp_path):
+    assert _logged_seconds(tmp_path) is None
+    lines = [{"time": 100.0, "kind": "start"}, {"time": 105.5, "epoch": 0}, {"epoch": 1}, {"time": 112.5, "kind": "final"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert _logged_seconds(tmp_path) == pytest.approx(12.5)

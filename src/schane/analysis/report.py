@@ -518,8 +518,19 @@ def _run_or_reuse(run_cfg: Any, progress: bool) -> tuple[Path, dict[str, Any], f
         train(run_cfg, resume="auto" if (run_dir / "last.pt").is_file() else None)
         timing.write_text(json.dumps({"train_time_s": before + time.perf_counter() - start}))
     final = json.loads((run_dir / "final.json").read_text())
-    seconds = json.loads(timing.read_text())["train_time_s"] if timing.is_file() else None
+    seconds = json.loads(timing.read_text())["train_time_s"] if timing.is_file() else _logged_seconds(run_dir)
     return run_dir, final, seconds
+
+
+def _logged_seconds(run_dir: Path) -> float | None:
+    """Training time from the first and last ``time`` stamps of ``metrics.jsonl`` (runs compare did not train)."""
+    from schane.analysis.plots import read_metrics_jsonl
+
+    try:
+        stamps = [r["time"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if isinstance(r.get("time"), (int, float))]
+    except FileNotFoundError:
+        return None
+    return float(stamps[-1] - stamps[0]) if len(stamps) >= 2 else None
 
 
 def _evaluate_run(run_cfg: Any, method: str, label: str, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -576,6 +587,8 @@ def run_compare(cfg: Any, *, progress: bool | None = None) -> Path:
     runs_dir = report_dir / "runs"
     acfg = cfg.analysis
     jobs: list[tuple[str, str, dict[str, Any], str | None]] = []  # (method, label, overrides, sweep key)
+    if len(set(acfg.methods)) != len(acfg.methods):
+        raise ValueError(f"analysis.methods lists a method twice: {acfg.methods}")
     for m in acfg.methods:
         jobs.append((m, _parse_method(m)[0], {}, None))
     base_values: dict[str, float] = {}

@@ -533,8 +533,10 @@ def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info:
         logger.log({"kind": "final", **{k: v for k, v in final.items() if not isinstance(v, dict)},
                     **({f"test_{k}": v for k, v in final["test"].items()} if final["test"] else {})})
         logger.close()
-        if show or cfg.train.progress:
-            msg = f"done: best val top-1 {best_metric} (epoch {best_epoch})"
+        if cfg.train.progress:
+            msg = "done: " + (
+                f"best val top-1 {best_metric:.4f} (epoch {best_epoch + 1})" if best_metric is not None else "no val split"
+            )
             if final["test"]:
                 msg += f", test top-1 {final['test']['top1']:.4f}"
             print(msg + f"; run dir {run_dir}")

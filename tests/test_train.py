@@ -260,3 +260,15 @@ def test_evaluate_checkpoint_reproduces_validation(image_root, tmp_path, capsys)
         evaluate_checkpoint(res.best_checkpoint, split="val_classes")
     with pytest.raises(ValueError, match="model"):
         evaluate_checkpoint(res.best_checkpoint, overrides=["model.backbone=resnet18"])
+
+
+def test_gradient_accumulation_equals_the_large_batch(image_root, tmp_path):
+    # CE is a mean over the batch, so 2 micro-batches of 2 images (accumulated) = 1 batch of 4 images:
+    # the micro-batches of a group are exactly the large batch's images (same seeded permutation).
+    common = ["loss.name=ce", "optim.base_batch_size=4", "train.max_steps_per_epoch=2"]
+    big = train(tiny_cfg(image_root, tmp_path, "big", *common, "data.batch_size=4"))
+    acc = train(tiny_cfg(image_root, tmp_path, "acc", *common, "data.batch_size=2", "optim.accum_steps=2"))
+    a, b = _weights(big.last_checkpoint), _weights(acc.last_checkpoint)
+    assert load_checkpoint(acc.last_checkpoint)["global_step"] == 2
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], atol=2e-5, rtol=1e-4), k

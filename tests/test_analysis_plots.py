@@ -100,3 +100,23 @@ def test_sweep_plot(tmp_path):
     assert_png(plots.sweep_plot(sweeps, tmp_path / "s.png", baselines={"ce": 69.0}))
     with pytest.raises(ValueError, match="at least one sweep"):
         plots.sweep_plot({}, tmp_path / "s.png")
+
+
+def test_training_curves_engine_format_uses_steps(tmp_path):
+    recs = [{"kind": "start", "time": 1.0, "steps_per_epoch": 3}]
+    for ep in range(2):
+        for st in range(3):
+            step = ep * 3 + st + 1
+            recs.append({"kind": "train_step", "epoch": ep, "step": step, "loss": 3.0 / step, "ce": 1.0 / step,
+                         "contrastive": 2.0 / step, "lr": 0.1})
+        recs.append({"kind": "epoch", "epoch": ep, "step": 3 * ep + 3, "train_loss": 1.0, "train_ce": 0.5,
+                     "train_contrastive": 0.0, "train_acc": 0.5, "val_top1": 0.4 + 0.1 * ep, "best_val_top1": 0.5})
+    recs.append({"kind": "final", "epochs": 2, "global_step": 6})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    loaded = plots.read_metrics_jsonl(path)
+    losses, accs = plots._metric_keys(loaded)
+    assert losses == ["loss", "ce", "contrastive"] and accs == ["train_acc", "val_top1"]
+    x, y, xlabel = plots._series(loaded, "val_top1")
+    assert xlabel == "step" and list(x) == [3.0, 6.0] and y == pytest.approx([0.4, 0.5])
+    assert_png(plots.training_curves({"schane": tmp_path}, tmp_path / "c.png"))

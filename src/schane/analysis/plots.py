@@ -351,9 +351,30 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_loss(k: str) -> bool:
+    return "loss" in k or k in ("ce", "contrastive") or k.endswith(("_ce", "_contrastive"))
+
+
+def _is_acc(k: str) -> bool:
+    return ("acc" in k or "top1" in k) and not _is_loss(k)
+
+
+def _x_key(records: list[dict[str, Any]]) -> str | None:
+    """``step`` when every metric record carries one (the engine's logs), else ``epoch``, else ``None``."""
+    metric_recs = [
+        r for r in records
+        if any((_is_loss(k) or _is_acc(k)) and not k.startswith("best_") and _is_number(v) for k, v in r.items())
+    ]
+    if metric_recs and all(_is_number(r.get("step")) for r in metric_recs):
+        return "step"
+    if any(_is_number(r.get("epoch")) for r in metric_recs):
+        return "epoch"
+    return None
+
+
 def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, str]:
     """``(x, y, x_label)`` for one metric, averaging records that share an x value."""
-    xkey = "epoch" if any("epoch" in r for r in records) else ("step" if any("step" in r for r in records) else None)
+    xkey = _x_key(records)
     xs: dict[float, list[float]] = {}
     for i, r in enumerate(records):
         if not _is_number(r.get(key)):
@@ -374,17 +395,24 @@ def _metric_keys(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
             if k not in keys and _is_number(v):
                 keys.append(k)
     keys = [k for k in keys if not k.startswith("best_")]
+    # per-step "loss"/"ce"/"contrastive" and the per-epoch "train_*" means say the same thing:
+    # keep the per-step values on a step axis, the epoch means on an epoch axis
+    by_step = _x_key(records) == "step"
 
-    def is_loss(k: str) -> bool:
-        return "loss" in k or k in ("ce", "contrastive") or k.endswith(("_ce", "_contrastive"))
+    def duplicate(k: str) -> bool:
+        if k in ("loss", "ce", "contrastive"):
+            return not by_step and f"train_{k}" in keys
+        if k in ("train_loss", "train_ce", "train_contrastive"):
+            return by_step and k.removeprefix("train_") in keys
+        return False
 
-    # per-step "loss"/"ce"/"contrastive" duplicate the per-epoch "train_*" means when both exist
-    losses = [k for k in keys if is_loss(k) and not (k in ("loss", "ce", "contrastive") and f"train_{k}" in keys)]
-    accs = [k for k in keys if ("acc" in k or "top1" in k) and not is_loss(k)]
+    losses = [k for k in keys if _is_loss(k) and not duplicate(k)]
+    accs = [k for k in keys if _is_acc(k)]
     return losses, accs
 
 
 _STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+_MARKERS = ["o", "s", "^", "D", "v", "x"]
 
 
 def training_curves(
@@ -396,11 +424,13 @@ def training_curves(
     """Plot loss components and accuracies against epochs from ``metrics.jsonl`` files.
 
     Every numeric loss key (containing ``loss``, or ``ce``/``contrastive`` and their
-    ``train_``/``loss_`` forms; per-step keys are dropped when per-epoch ``train_*`` means
-    exist) goes to the left panel and every key containing ``acc`` or ``top1``
+    ``train_``/``loss_`` forms) goes to the left panel and every key containing ``acc`` or ``top1``
     (``train_acc``, ``val_top1``...) to the right one; a colour per run, a line style per key.
-    Records sharing an epoch (per-step logs) are averaged; without ``epoch`` the x axis is
-    ``step``. Missing keys are skipped. Accuracies stored as fractions are shown in percent.
+    The x axis is the optimizer ``step`` when every record carries one (the engine's logs:
+    per-step ``loss``/``ce``/``contrastive`` and per-epoch validation at the epoch's last step;
+    the per-epoch ``train_*`` means are then redundant and dropped), else ``epoch`` (records
+    sharing an epoch are averaged, and per-step keys give way to ``train_*`` means). Missing
+    keys, and series that are all zero (CE's unused contrastive term), are skipped. Accuracies stored as fractions are shown in percent.
 
     Args:
         runs: ``{run name: metrics.jsonl path or run directory}``, or one path.
@@ -422,8 +452,10 @@ def training_curves(
         data[name] = read_metrics_jsonl(p / "metrics.jsonl" if p.is_dir() else p)
     loss_keys: list[str] = []
     acc_keys: list[str] = []
-    for recs in data.values():
+    own_keys: dict[str, set[str]] = {}
+    for name, recs in data.items():
         lk, ak = _metric_keys(recs)
+        own_keys[name] = set(lk) | set(ak)
         loss_keys += [k for k in lk if k not in loss_keys]
         acc_keys += [k for k in ak if k not in acc_keys]
     if not loss_keys and not acc_keys:
@@ -435,23 +467,36 @@ def training_curves(
     for j, (ylabel, keys) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
         run_handles, key_handles = [], []
+        all_x: list[float] = []
+        plotted: set[str] = set()
         for r, (name, recs) in enumerate(data.items()):
             color = palette[r % len(palette)]
             if name:
                 run_handles.append(Line2D([], [], color=color, label=name))
             for s, key in enumerate(keys):
+                if key not in own_keys[name]:
+                    continue
                 x, y, xlabel = _series(recs, key)
                 if not len(x) or not np.any(y):
                     continue  # absent, or logged as 0 by a run without that term (CE's contrastive)
                 if ylabel.startswith("accuracy") and np.nanmax(y) <= 1.0:
                     y = 100.0 * y
-                style = _STYLES[s % len(_STYLES)]
-                ax.plot(x, y, color=color, linestyle=style, marker="o" if len(x) < 30 else None, markersize=3)
+                all_x += x.tolist()
+                plotted.add(key)
+                style, marker = _STYLES[s % len(_STYLES)], _MARKERS[s % len(_MARKERS)]
+                ax.plot(x, y, color=color, linestyle=style, marker=marker if len(x) < 30 else None, markersize=4)
         for s, key in enumerate(keys):
-            key_handles.append(Line2D([], [], color="0.3", linestyle=_STYLES[s % len(_STYLES)], label=key))
+            if key not in plotted:
+                continue
+            key_handles.append(
+                Line2D([], [], color="0.3", linestyle=_STYLES[s % len(_STYLES)], marker=_MARKERS[s % len(_MARKERS)],
+                       markersize=4, label=key)
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if all_x and min(all_x) == max(all_x):  # a single evaluation (e.g. one epoch)
+            ax.set_xlim(all_x[0] - 1, all_x[0] + 1)
         ax.grid(alpha=0.3)
         leg = ax.legend(handles=key_handles, loc="best", fontsize=8, frameon=False)
         if run_handles and j == len(panels) - 1:

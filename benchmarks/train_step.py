@@ -115,7 +115,9 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--vit", action="store_true", help="also time vit_small_patch16_224 at 224 px on CUDA")
-    ap.add_argument("--extra-only", action="store_true", help="only time the work SCHaNe adds (fast, low noise)")
+    ap.add_argument(
+        "--extra-only", action="store_true", help="only time the work SCHaNe adds (fast, low noise)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,8 +131,11 @@ def main() -> None:
     print("|---|---|---|---|")
     cpu = torch.device("cpu")
     extra = bench_extra_work("effnet-lite0-offline", args.batch)
-    print(f"| effnet-lite0-offline: SCHaNe-only work (loss fwd+bwd + projector bwd, {2 * args.batch} x 128) "
-          f"| | +{1000 * extra:.1f} ms | |", flush=True)
+    print(
+        f"| effnet-lite0-offline: SCHaNe-only work (loss fwd+bwd + projector bwd, {2 * args.batch} x 128) "
+        f"| | +{1000 * extra:.1f} ms | |",
+        flush=True,
+    )
     if args.extra_only:
         return
     t = bench("effnet-lite0-offline", args.img_size, args.batch, args.repeats, cpu, None, pretrained=True)

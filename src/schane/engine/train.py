@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,7 @@ def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info:
 
     # ---------------------------------------------------------------- loop
     tp = Throughput()
+    t_loop = time.perf_counter()
     epochs = cfg.optim.epochs
     last_val: dict[str, Any] | None = None
     ep_bar = tqdm(range(start_epoch, epochs), desc="epochs", disable=not show, position=0, dynamic_ncols=True)
@@ -512,6 +514,8 @@ def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info:
         "best_val_top1": best_metric,
         "last_val": last_val,
         "train_images_per_s": tp.value,
+        # wall time of this process's training loop (evaluation included; after a resume, the resumed part)
+        "train_seconds": time.perf_counter() - t_loop,
         "test": None,
     }
     if info.is_main:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import pickle
 from pathlib import Path
 
@@ -12,6 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import (
+    png,
+    tiered_labels,
+    write_caltech256,
+    write_cifar100,
+    write_cub200,
+    write_flowers102,
+    write_imagenet,
+    write_inat2017,
+    write_mini_imagenet_cache,
+    write_oxford_pets,
+    write_places365,
+    write_tiered_imagenet_png,
+)
 from schane.data import CorruptImageError, dataset_info, get_dataset, holdout_indices, list_datasets
 from schane.data.base import read_split_lines
 
@@ -19,17 +32,6 @@ ALL = {
     "cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet", "cifar100", "cub200", "caltech256", "flowers102",
     "oxford_pets", "inat2017", "places365", "imagenet", "image_folder", "csv", "glyphs", "fashion_mnist",
 }  # fmt: skip
-
-
-def _png(path: Path, rng: np.random.Generator, size: int = 8) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
-
-
-def _png_bytes(rng: np.random.Generator) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,25 +78,7 @@ def test_holdout_is_stratified_seeded_and_disjoint():
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-100-python"
-    folder.mkdir()
-    fine = read_split_lines("cifar100", "fine_names.txt")
-    coarse = read_split_lines("cifar100", "coarse_names.txt")
-    f2c = dict(line.split() for line in read_split_lines("cifar100", "fine_to_coarse.txt"))
-    rng = np.random.default_rng(0)
-    for fname, per_class in (("train", 4), ("test", 2)):
-        labels = np.repeat(np.arange(100), per_class).tolist()
-        entry = {
-            "data": rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8),
-            "fine_labels": labels,
-            "coarse_labels": [coarse.index(f2c[fine[k]]) for k in labels],
-        }
-        with open(folder / fname, "wb") as f:
-            pickle.dump(entry, f)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": fine, "coarse_label_names": coarse}, f)
-    return root
+    return write_cifar100(tmp_path_factory.mktemp("cifar"), train_per_class=4, test_per_class=2)
 
 
 def test_cifar100_splits_holdout_and_images(cifar_root):
@@ -170,12 +154,9 @@ def test_cifar_missing_root_and_classes(tmp_path, cifar_root):
 
 
 def test_mini_imagenet_pickle_cache(tmp_path):
-    rng = np.random.default_rng(0)
     wnids = read_split_lines("mini_imagenet", "val.txt")
-    data = rng.integers(0, 255, (16 * 3, 8, 8, 3), dtype=np.uint8)
-    class_dict = {w: list(range(3 * i, 3 * i + 3)) for i, w in enumerate(reversed(wnids))}
-    with open(tmp_path / "mini-imagenet-cache-val.pkl", "wb") as f:
-        pickle.dump({"image_data": data, "class_dict": class_dict}, f)
+    obj = write_mini_imagenet_cache(tmp_path, "val", per_class=3, size=8, reverse_classes=True)
+    data, class_dict = obj["image_data"], obj["class_dict"]
     ds = get_dataset("mini_imagenet", str(tmp_path), "val_classes")
     assert ds.classes == wnids and len(ds) == 48
     img, label = ds[5]
@@ -212,7 +193,7 @@ def test_mini_imagenet_image_folder_csv(tmp_path):
         for wn in wnids:
             for i in (1, 2):
                 name = f"{wn}{i:08d}.jpg"
-                _png(tmp_path / "images" / name, rng)
+                png(tmp_path / "images" / name, rng)
                 w.writerow([name, wn])
     ds = get_dataset("mini_imagenet", str(tmp_path), "test_classes")
     assert ds.classes == wnids and len(ds) == 40 and ds[3][0].mode == "RGB"
@@ -225,13 +206,13 @@ def test_mini_imagenet_split_folders_missing_class(tmp_path):
     rng = np.random.default_rng(0)
     wnids = read_split_lines("mini_imagenet", "val.txt")
     for wn in wnids[:-1]:
-        _png(tmp_path / "val" / wn / "a.jpg", rng)
+        png(tmp_path / "val" / wn / "a.jpg", rng)
     with pytest.raises(ValueError, match=wnids[-1]):
         get_dataset("mini_imagenet", str(tmp_path), "val_classes")
     (tmp_path / "val" / wnids[-1]).mkdir()
     with pytest.raises(ValueError, match="no images"):
         get_dataset("mini_imagenet", str(tmp_path), "val_classes")
-    _png(tmp_path / "val" / wnids[-1] / "b.jpg", rng)
+    png(tmp_path / "val" / wnids[-1] / "b.jpg", rng)
     assert len(get_dataset("mini_imagenet", str(tmp_path), "val_classes")) == 16
 
 
@@ -245,35 +226,22 @@ def test_mini_imagenet_ilsvrc_folder_uses_csv_index(tmp_path):
             for i in (2, 10):
                 w.writerow([f"{wn}{i:08d}.jpg", wn])
             for img_id in (5, 40, 100, 7, 1000, 30, 2, 9, 12, 11):
-                _png(tmp_path / wn / f"{wn}_{img_id}.JPEG", rng)
+                png(tmp_path / wn / f"{wn}_{img_id}.JPEG", rng)
     ds = get_dataset("mini_imagenet", str(tmp_path), "val_classes")
     # sorted ids: 2 5 7 9 11 12 30 40 100 1000 -> index 2 is id 5, index 10 is id 1000
     assert [Path(p).name for p in ds.samples[:2]] == [f"{wnids[0]}_5.JPEG", f"{wnids[0]}_1000.JPEG"]
-
-
-def _tiered_labels(n_cls: int, per: int, names: list[str] | None) -> dict:
-    lab = {
-        "label_specific": np.repeat(np.arange(n_cls), per),
-        "label_general": np.zeros(n_cls * per, dtype=int),
-    }
-    if names is not None:
-        lab["label_specific_str"] = names
-    return lab
 
 
 def test_tiered_imagenet_png_pickle_and_npz(tmp_path):
     rng = np.random.default_rng(0)
     val = read_split_lines("tiered_imagenet", "val.txt")
     test = read_split_lines("tiered_imagenet", "test.txt")
-    with open(tmp_path / "val_images_png.pkl", "wb") as f:
-        pickle.dump([np.frombuffer(_png_bytes(rng), np.uint8) for _ in range(97 * 2)], f)
-    with open(tmp_path / "val_labels.pkl", "wb") as f:
-        pickle.dump(_tiered_labels(97, 2, val), f)
+    write_tiered_imagenet_png(tmp_path, "val", per_class=2, size=8)
     ds = get_dataset("tiered_imagenet", str(tmp_path), "val_classes")
     assert len(ds) == 194 and ds.classes == val and ds[0][0].size == (8, 8)
     np.savez(tmp_path / "test_images.npz", images=rng.integers(0, 255, (160 * 2, 8, 8, 3), dtype=np.uint8))
     with open(tmp_path / "test_labels.pkl", "wb") as f:
-        pickle.dump(_tiered_labels(160, 2, None), f)
+        pickle.dump(tiered_labels(160, 2, None), f)
     ds = get_dataset("tiered_imagenet", str(tmp_path), "test_classes")
     assert len(ds) == 320 and ds.classes == test
     with open(tmp_path / "val_images_png.pkl", "wb") as f:
@@ -288,7 +256,7 @@ def test_tiered_imagenet_folder_and_train_holdout(tmp_path):
     train = read_split_lines("tiered_imagenet", "train.txt")
     for wn in train:
         for i in range(3):
-            _png(tmp_path / "train" / wn / f"{i}.jpg", rng, 4)
+            png(tmp_path / "train" / wn / f"{i}.jpg", rng, 4)
     tr = get_dataset("tiered_imagenet", str(tmp_path), "train", val_fraction=0.34)
     va = get_dataset("tiered_imagenet", str(tmp_path), "val", val_fraction=0.34)
     assert len(tr.classes) == 351 and len(tr) == 702 and len(va) == 351
@@ -299,23 +267,9 @@ def test_tiered_imagenet_folder_and_train_holdout(tmp_path):
 
 
 def test_cub200_official_split(tmp_path):
-    rng = np.random.default_rng(0)
     base = tmp_path / "CUB_200_2011"
     classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
-    lines_img, lines_lab, lines_split = [], [], []
-    k = 0
-    for c, name in enumerate(classes, 1):
-        for i in range(5):
-            k += 1
-            rel = f"{name}/{name}_{i}.jpg"
-            _png(base / "images" / rel, rng)
-            lines_img.append(f"{k} {rel}")
-            lines_lab.append(f"{k} {c}")
-            lines_split.append(f"{k} {1 if i < 3 else 0}")
-    (base / "images.txt").write_text("\n".join(lines_img) + "\n")
-    (base / "image_class_labels.txt").write_text("\n".join(lines_lab) + "\n")
-    (base / "train_test_split.txt").write_text("\n".join(lines_split) + "\n")
-    (base / "classes.txt").write_text("\n".join(f"{i} {n}" for i, n in enumerate(classes, 1)) + "\n")
+    write_cub200(tmp_path, classes, per_class=5, train_per_class=3, size=8)
     tr = get_dataset("cub200", str(tmp_path), "train", val_fraction=0.34)
     va = get_dataset("cub200", str(tmp_path), "val", val_fraction=0.34)
     te = get_dataset("cub200", str(tmp_path), "test")
@@ -327,11 +281,8 @@ def test_cub200_official_split(tmp_path):
 
 
 def test_caltech256_seeded_per_class_split(tmp_path):
-    rng = np.random.default_rng(0)
     cats = tmp_path / "256_ObjectCategories"
-    for name, n in (("001.ak47", 6), ("002.american-flag", 8), ("257.clutter", 5)):
-        for i in range(n):
-            _png(cats / name / f"{i:04d}.jpg", rng, 4)
+    write_caltech256(tmp_path, {"001.ak47": 6, "002.american-flag": 8, "257.clutter": 5}, size=4)
     (cats / "001.ak47" / "notes.txt").write_text("not an image")
     kw = dict(train_per_class=4, val_fraction=0.25)
     tr = get_dataset("caltech256", str(tmp_path), "train", **kw)
@@ -354,9 +305,9 @@ def test_image_folder_with_and_without_test_dir(tmp_path):
     rng = np.random.default_rng(0)
     for c in ("cat", "dog"):
         for i in range(5):
-            _png(tmp_path / "flat" / c / f"{i}.png", rng)
-            _png(tmp_path / "split" / "train" / c / f"{i}.png", rng)
-        _png(tmp_path / "split" / "test" / c / "t.png", rng)
+            png(tmp_path / "flat" / c / f"{i}.png", rng)
+            png(tmp_path / "split" / "train" / c / f"{i}.png", rng)
+        png(tmp_path / "split" / "test" / c / "t.png", rng)
     te = get_dataset("image_folder", str(tmp_path / "split"), "test")
     assert len(te) == 2 and te.classes == ["cat", "dog"]
     tr = get_dataset("image_folder", str(tmp_path / "flat"), "train", val_fraction=0.25)
@@ -376,7 +327,7 @@ def test_image_folder_with_and_without_test_dir(tmp_path):
 def test_corrupt_image_names_file(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):
-        _png(tmp_path / "a" / f"{i}.png", rng)
+        png(tmp_path / "a" / f"{i}.png", rng)
     (tmp_path / "a" / "3.png").write_bytes(b"\x89PNG broken")
     ds = get_dataset("image_folder", str(tmp_path), "train", val_fraction=0.0, test_fraction=0.25)
     bad = [i for i, p in enumerate(ds.samples) if Path(p).name == "3.png"]
@@ -390,7 +341,7 @@ def test_csv_dataset(tmp_path):
     rows = []
     for lab in ("10", "2"):
         for i in range(4):
-            _png(tmp_path / "img" / f"{lab}_{i}.png", rng)
+            png(tmp_path / "img" / f"{lab}_{i}.png", rng)
             rows.append((f"img/{lab}_{i}.png", lab))
     with open(tmp_path / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label"), *rows[:3], *rows[4:7]])
@@ -413,16 +364,7 @@ def test_csv_dataset(tmp_path):
 
 
 def test_flowers102_official_splits(tmp_path):
-    from scipy.io import savemat
-
-    rng = np.random.default_rng(0)
-    base = tmp_path / "flowers-102"
-    labels = np.repeat(np.arange(1, 103), 3)
-    for i in range(len(labels)):
-        _png(base / "jpg" / f"image_{i + 1:05d}.jpg", rng, 4)
-    savemat(base / "imagelabels.mat", {"labels": labels})
-    ids = np.arange(1, len(labels) + 1)
-    savemat(base / "setid.mat", {"trnid": ids[0::3], "valid": ids[1::3], "tstid": ids[2::3]})
+    write_flowers102(tmp_path, n_classes=102, per_class=3, size=4)
     tr = get_dataset("flowers102", str(tmp_path), "train")
     va = get_dataset("flowers102", str(tmp_path), "val")
     te = get_dataset("flowers102", str(tmp_path), "test")
@@ -435,16 +377,7 @@ def test_flowers102_official_splits(tmp_path):
 
 
 def test_oxford_pets(tmp_path):
-    rng = np.random.default_rng(0)
-    base = tmp_path / "oxford-iiit-pet"
-    (base / "annotations").mkdir(parents=True)
-    lines = {"trainval": [], "test": []}
-    for cid, breed in enumerate(("Abyssinian", "american_bulldog"), 1):
-        for i in range(1, 6):
-            _png(base / "images" / f"{breed}_{i}.jpg", rng, 4)
-            lines["test" if i == 5 else "trainval"].append(f"{breed}_{i} {cid} 1 1")
-    for k, v in lines.items():
-        (base / "annotations" / f"{k}.txt").write_text("\n".join(v) + "\n")
+    write_oxford_pets(tmp_path, ["Abyssinian", "american_bulldog"], per_class=5, test_per_class=1, size=4)
     tr = get_dataset("oxford_pets", str(tmp_path), "train", val_fraction=0.25)
     va = get_dataset("oxford_pets", str(tmp_path), "val", val_fraction=0.25)
     te = get_dataset("oxford_pets", str(tmp_path), "test")
@@ -452,17 +385,7 @@ def test_oxford_pets(tmp_path):
 
 
 def test_places365(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "categories_places365.txt").write_text("/a/airfield 0\n/b/bakery 1\n")
-    train_lines, val_lines = [], []
-    for c, cat in enumerate(("a/airfield", "b/bakery")):
-        for i in range(4):
-            _png(tmp_path / "data_256_standard" / cat / f"{i:08d}.jpg", rng, 4)
-            train_lines.append(f"/{cat}/{i:08d}.jpg {c}")
-        _png(tmp_path / "val_256" / f"val_{c}.jpg", rng, 4)
-        val_lines.append(f"val_{c}.jpg {c}")
-    (tmp_path / "places365_train_standard.txt").write_text("\n".join(train_lines) + "\n")
-    (tmp_path / "places365_val.txt").write_text("\n".join(val_lines) + "\n")
+    write_places365(tmp_path, ["a/airfield", "b/bakery"], train_per_class=4, val_per_class=1, size=4)
     tr = get_dataset("places365", str(tmp_path), "train", val_fraction=0.25)
     te = get_dataset("places365", str(tmp_path), "test")
     assert len(tr) == 6 and len(te) == 2 and te.classes == ["/a/airfield", "/b/bakery"]
@@ -473,26 +396,11 @@ def test_places365(tmp_path):
 
 
 def test_inat2017_official_json(tmp_path):
-    import json
-
-    rng = np.random.default_rng(0)
     cats = [
         {"id": 0, "name": "Aves sp", "supercategory": "Aves"},
         {"id": 1, "name": "Felis catus", "supercategory": "Mammalia"},
     ]
-    split_docs = {}
-    k = 0
-    for split, n in (("train2017", 4), ("val2017", 1)):
-        images, anns = [], []
-        for c in cats:
-            for _ in range(n):
-                k += 1
-                rel = f"train_val_images/{c['supercategory']}/{c['name']}/{k}.jpg"
-                _png(tmp_path / rel, rng, 4)
-                images.append({"id": k, "file_name": rel})
-                anns.append({"id": k, "image_id": k, "category_id": c["id"]})
-        split_docs[split] = {"images": images, "annotations": anns, "categories": cats}
-        (tmp_path / f"{split}.json").write_text(json.dumps(split_docs[split]))
+    write_inat2017(tmp_path, cats, train_per_class=4, val_per_class=1, size=4)
     tr = get_dataset("inat2017", str(tmp_path), "train", val_fraction=0.25)
     te = get_dataset("inat2017", str(tmp_path), "test")
     assert len(tr) == 6 and len(te) == 2 and te.classes == ["Aves sp", "Felis catus"] and te.targets == [0, 1]
@@ -501,11 +409,7 @@ def test_inat2017_official_json(tmp_path):
 
 
 def test_imagenet_folders(tmp_path):
-    rng = np.random.default_rng(0)
-    for wn in ("n01440764", "n01443537"):
-        for i in range(4):
-            _png(tmp_path / "train" / wn / f"{wn}_{i}.JPEG", rng, 4)
-        _png(tmp_path / "val" / wn / f"ILSVRC2012_val_{wn}.JPEG", rng, 4)
+    write_imagenet(tmp_path, ["n01440764", "n01443537"], train_per_class=4, val_per_class=1, size=4)
     tr = get_dataset("imagenet", str(tmp_path), "train", val_fraction=0.25)
     te = get_dataset("imagenet", str(tmp_path), "test")
     assert len(tr) == 6 and len(te) == 2 and te.classes == tr.classes == ["n01440764", "n01443537"]

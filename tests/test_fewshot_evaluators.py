@@ -16,6 +16,7 @@ from schane.fewshot.evaluators import (
     evaluate_protocol_a,
     evaluate_protocol_b,
     finetune_episode,
+    logreg_fit_batched,
     logreg_predict,
 )
 
@@ -84,6 +85,9 @@ def test_logreg_separable_features_near_perfect():
     yq = np.repeat(np.arange(ways), 40)
     xq = means[yq] + rng.normal(0, 0.3, (len(yq), d))
     assert (logreg_predict(xs, ys, xq) == yq).mean() >= 0.99
+    np.testing.assert_array_equal(logreg_predict(xs, ys, xq, solver="sklearn"), logreg_predict(xs, ys, xq))
+    # arbitrary label values come back as given
+    np.testing.assert_array_equal(logreg_predict(xs, ys * 3 + 7, xq), logreg_predict(xs, ys, xq) * 3 + 7)
     # normalisation makes the classifier blind to each vector's scale
     scale = rng.uniform(0.1, 10, (len(yq), 1))
     np.testing.assert_array_equal(logreg_predict(xs, ys, xq * scale), logreg_predict(xs, ys, xq))
@@ -137,8 +141,79 @@ def test_protocol_a_parallel_matches_serial():
     eps = sample_episodes(plain.targets, 3, 1, 3, 40, seed=0)
     bank = build_feature_bank(ToyModel().eval(), plain, aug, eps, n_aug=2, progress=False, extract_fn=simple_extract)
     with joblib.parallel_config(backend="threading"):  # the parallel code path without process start-up
-        parallel = evaluate_protocol_a(bank, eps, n_jobs=2, progress=False)
-    np.testing.assert_array_equal(evaluate_protocol_a(bank, eps, progress=False), parallel)
+        parallel = evaluate_protocol_a(bank, eps, n_jobs=2, progress=False, solver="sklearn")
+    serial = evaluate_protocol_a(bank, eps, progress=False, solver="sklearn")
+    np.testing.assert_array_equal(serial, parallel)
+    # the batched solver, whole or in chunks of any size, gives the same per-episode accuracies
+    np.testing.assert_array_equal(evaluate_protocol_a(bank, eps, progress=False), serial)
+    np.testing.assert_array_equal(evaluate_protocol_a(bank, eps, progress=False, chunk_size=7), serial)
+    with pytest.raises(ValueError, match="solver"):
+        evaluate_protocol_a(bank, eps, solver="newton")
+    with pytest.raises(ValueError, match="chunk_size"):
+        evaluate_protocol_a(bank, eps, chunk_size=0)
+
+
+def _random_episodes(n_ep, ways, support, d, seed, spread=0.3):
+    """``n_ep`` episodes of non-negative, overlapping clusters, L2-normalised (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_ep, ways, d, generator=g, dtype=torch.float64)
+    y = torch.arange(ways).repeat_interleave(support).expand(n_ep, -1)
+    x = spread * centers.gather(1, y.unsqueeze(-1).expand(-1, -1, d)) + torch.randn(n_ep, y.shape[1], d, generator=g, dtype=torch.float64)
+    q = spread * centers.repeat_interleave(6, 1) + torch.randn(n_ep, 6 * ways, d, generator=g, dtype=torch.float64)
+    return nn.functional.normalize(x.relu(), dim=-1), y, nn.functional.normalize(q.relu(), dim=-1)
+
+
+@pytest.mark.parametrize("ways,support", [(5, 5), (5, 25), (2, 6)])  # 1-shot and 5-shot with 5 copies; binary
+def test_batched_logreg_matches_sklearn(ways, support):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    for C in (0.1, 1.0, 20.0):
+        x, y, q = _random_episodes(2, ways, support, 32, seed=int(C * 10) + support)
+        w, b = logreg_fit_batched(x, y, ways, C=C)
+        assert w.shape == (2, ways, 32) and b.shape == (2, ways) and w.dtype == torch.float64
+        for e in range(2):
+            # the reference: scikit-learn fitted to convergence on the same objective
+            with threadpool_limits(limits=1):
+                ref = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x[e].numpy(), y[e].numpy())
+            coef = ref.coef_ if ways > 2 else np.concatenate([np.zeros_like(ref.coef_), ref.coef_])
+            np.testing.assert_allclose(w[e].numpy(), coef, atol=1e-5)
+            prob = torch.softmax(q[e] @ w[e].T + b[e], dim=-1).numpy()
+            assert np.abs(prob - ref.predict_proba(q[e].numpy())).max() < 1e-4
+            np.testing.assert_array_equal(prob.argmax(1), ref.predict(q[e].numpy()))
+
+
+def test_batched_logreg_optimality_and_edge_cases():
+    x, y, _ = _random_episodes(4, 5, 10, 20, seed=3)
+    x[1] = x[1, ::10].repeat_interleave(10, 0)  # each class's rows identical: a singular Gram matrix
+    x[2] = x[2, :, :4].repeat(1, 5)  # rank 4 < S: support spans only 4 dimensions
+    C = 2.0
+    w, b = logreg_fit_batched(x, y, 5, C=C)
+    # naive gradient of sum_i CE + ||W||^2/(2C) at the solution, episode by episode, from the formula
+    for e in range(4):
+        we, be = w[e].clone().requires_grad_(), b[e].clone().requires_grad_()
+        loss = sum(-torch.log_softmax(x[e, i] @ we.T + be, 0)[y[e, i]] for i in range(x.shape[1]))
+        (loss + we.pow(2).sum() / (2 * C)).backward()
+        assert we.grad.abs().max() < 1e-6 and be.grad.abs().max() < 1e-6
+    # the optimum lies in the span of the support features: nothing orthogonal to episode 2's 4-dim span
+    assert torch.allclose(w[2], w[2][:, :4].repeat(1, 5), atol=1e-9)
+    assert torch.allclose(b.sum(1), torch.zeros(4, dtype=torch.float64), atol=1e-9)  # centred intercepts
+    # episodes are independent: fitting one alone gives the same answer
+    w0, b0 = logreg_fit_batched(x[3:], y[3:], 5, C=C)
+    assert torch.allclose(w0[0], w[3], atol=1e-7) and torch.allclose(b0[0], b[3], atol=1e-7)
+    with pytest.raises(ValueError, match="labels must lie"):
+        logreg_fit_batched(x, y + 1, 5)
+    with pytest.raises(ValueError, match="C must be"):
+        logreg_fit_batched(x, y, 5, C=-1.0)
+    with pytest.raises(ValueError, match="expected support"):
+        logreg_fit_batched(x[0], y, 5)
+
+
+def test_batched_logreg_separable_accuracy():
+    x, y, q = _random_episodes(20, 5, 5, 64, seed=7, spread=4.0)
+    w, b = logreg_fit_batched(x, y, 5, C=1.0)
+    pred = (torch.bmm(q, w.transpose(1, 2)) + b.unsqueeze(1)).argmax(-1)
+    assert (pred == torch.arange(5).repeat_interleave(6)).double().mean() > 0.99
 
 
 def test_proto_head_is_nearest_prototype():

@@ -133,7 +133,8 @@ class FewShotConfig:
     ``protocol`` ``"A"``: frozen features + logistic regression (``logreg_c``; when
     ``logreg_c_grid`` is non-empty, C is chosen from it on validation-class episodes);
     ``"B"``: per-episode fine-tuning (``finetune_steps``, ``finetune_lr``, ``finetune_loss``
-    ``"ce"`` or ``"joint"``). ``n_jobs`` parallelises protocol A's episodes (-1: all cores).
+    ``"ce"`` or ``"joint"``). Protocol A fits all episodes at once with a batched solver; ``n_jobs``
+    (joblib processes, -1: all cores) is used only by the scikit-learn reference solver.
     """
 
     ways: int = 5

@@ -175,6 +175,14 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
         f"Embedding metrics: mean over {n_seeds} seed(s), pooled features of all novel-class images.",
         f"Few-shot details (per-seed rows, paired differences): {results['results_file']}.",
     ]
+    for d in results.get("seed_differences", []):
+        if d["n"] > 1:
+            notes.append(
+                f"{LABELS.get(d['method'], d['method'])} − {LABELS.get(d['baseline'], d['baseline'])}, "
+                f"{results['ways']}-way {d['shot']}-shot, across {d['n']} seeds: {d['mean']:+.2f} ± {d['half_width']:.2f} "
+                f"points (95% t-interval{', excludes 0' if d['excludes_zero'] else ', includes 0'}; "
+                f"per seed {', '.join(f'{v:+.2f}' for v in d['values'])})."
+            )
     report = write_report(rows, figures, run_dir, title="schane demo: CE vs SCHaNe on glyphs", notes=notes)
     print()
     print(format_table(results))

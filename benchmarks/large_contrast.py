@@ -24,24 +24,10 @@ import time
 
 import torch
 
+from _peak_rss import reset_peak_rss, status_mb
 from schane.losses import SCHaNeLoss
 
 ANCHORS, D, CLASSES = 1024, 128, 100
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status (this benchmark's memory numbers need Linux)")
-
-
-def _reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return that RSS in MB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
 
 
 def child(m: int, chunk: int | None, repeats: int) -> None:
@@ -53,14 +39,14 @@ def child(m: int, chunk: int | None, repeats: int) -> None:
     loss_fn = SCHaNeLoss(chunk_size=chunk)
     small = x[:64].clone().requires_grad_()
     loss_fn(small, y[:64], ref[:64], ref_y[:64]).backward()  # warm-up
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     times = []
     for _ in range(repeats):
         xa = x.clone().requires_grad_()
         t0 = time.perf_counter()
         loss_fn(xa, y, ref, ref_y).backward()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"time": statistics.median(times), "peak_mb": _status_mb("VmHWM") - base}))
+    print(json.dumps({"time": statistics.median(times), "peak_mb": status_mb("VmHWM") - base}))
 
 
 def run(m: int, chunk: int | None, repeats: int) -> dict:

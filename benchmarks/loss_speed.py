@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _peak_rss import reset_peak_rss, status_mb
 from schane.losses import SCHaNeLoss, SupConLoss
 
 D, CLASSES, TAU, BETA = 128, 100, 0.5, 1.0
@@ -87,30 +88,15 @@ def _step(fn, x, y) -> float:
     return time.perf_counter() - t0
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status (this benchmark's memory numbers need Linux)")
-
-
-def _reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return that RSS in MB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
-
-
 def memory_child(method: str, n: int) -> None:
     """Runs in a fresh process: print the peak-RSS growth (MB) of one forward+backward."""
     fn = _methods()[method]
     x, y = _inputs(n)
     xs, ys = _inputs(64, seed=1)
     _step(fn, xs, ys)  # load kernels, allocator warm-up
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     _step(fn, x, y)
-    print(json.dumps({"peak_mb": _status_mb("VmHWM") - base}))
+    print(json.dumps({"peak_mb": status_mb("VmHWM") - base}))
 
 
 def measure_memory(method: str, n: int) -> float:

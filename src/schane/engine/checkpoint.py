@@ -19,7 +19,12 @@ classes), so it loads with ``torch.load(weights_only=True)``. Keys::
     best_epoch    epoch of that best (or None)
     config        the resolved config as a nested dict
     num_classes   classifier width
+    class_names   the training split's class names, in label order (absent in files of schane < 0.2)
     eval_weights  "model" or "ema": which weights evaluation/selection used
+
+:class:`CheckpointManager` owns that state during training: what goes into it, when ``last.pt``,
+``best.pt`` and the periodic mid-epoch ``last.pt`` are written, and which weights are evaluated
+(:func:`evaluation_weights`).
 
 Examples:
     >>> save_checkpoint("runs/x/last.pt", {"model": model.state_dict(), ...})  # doctest: +SKIP
@@ -28,15 +33,23 @@ Examples:
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pickle
 import random
+import re
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "schane-checkpoint"
 VERSION = 1
@@ -75,11 +88,19 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, (OSError, RuntimeError)) and _out_of_space(e, path.parent, payload):
+            need, free = _state_nbytes(payload), shutil.disk_usage(path.parent).free
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left to write checkpoint {path}: it needs about {need / 2**20:.0f} MB and "
+                f"{free / 2**20:.0f} MB are free on that disk; free some space or set output_dir to another disk "
+                "(the previous checkpoint is intact)",
+            ) from e
         raise
     # Persist the rename itself (directory entry) where the platform allows it.
     try:
@@ -127,7 +148,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/zipfile errors
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds a pickled Python object ({refused.group(1)}) other than "
+                "tensors and plain containers, and such objects are never unpickled (they could run code). "
+                "Use a file written by 'schane train'"
+            ) from e
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) could not be read, it is truncated or corrupt (damaged pickle records); "
+            "delete it or resume from another checkpoint"
+        ) from e
+    except Exception as e:  # torch raises RuntimeError/EOFError/zipfile errors
         raise CheckpointError(
             f"checkpoint {path} ({size} bytes) could not be read, it is truncated or corrupt: {e}"
         ) from e
@@ -140,6 +173,51 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks required entries {missing}; it is corrupt or incomplete")
     return state
+
+
+def _state_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_nbytes(v) for v in obj)
+    return 0
+
+
+def _out_of_space(err: BaseException, folder: Path, payload: dict[str, Any]) -> bool:
+    """Whether a failed write ran out of disk (torch's zip writer hides ``ENOSPC`` in a RuntimeError)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if "No space left" in str(err) or "unexpected pos" in str(err):
+        try:
+            return shutil.disk_usage(folder).free < _state_nbytes(payload) + (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete checkpoint temporaries (``.last.pt.*.tmp``) left by a run killed while writing.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.pt.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            continue
+    if removed:
+        logger.info("removed %d stale checkpoint temporar%s in %s", len(removed), "y" if len(removed) == 1 else "ies",
+                    folder)
+    return removed
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -212,18 +290,22 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
     state = load_checkpoint(path, map_location="cpu")
     cfg = from_dict(state["config"])
     num_classes = int(state["num_classes"])
-    model_cfg = _offline_model_cfg(cfg.model)
-    model = build_model(model_cfg, num_classes)
-    weights = state["model"]
-    if state.get("eval_weights") == "ema" and state.get("ema") is not None:
-        weights = state["ema"]["module"]
+    model = build_model(_offline_model_cfg(cfg.model), num_classes)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(evaluation_weights(state))
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path}: stored weights do not fit the model of its config: {e}") from e
+    model.class_names = state.get("class_names")
     model.to(map_location)
     model.eval()
     return model, cfg, num_classes
+
+
+def evaluation_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's run evaluated and selected with: the EMA weights when it used EMA."""
+    if state.get("eval_weights") == "ema" and state.get("ema") is not None:
+        return state["ema"]["module"]
+    return state["model"]
 
 
 def _offline_model_cfg(model_cfg: Any) -> Any:
@@ -231,3 +313,140 @@ def _offline_model_cfg(model_cfg: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(model_cfg, pretrained=False, checkpoint=None)
+
+
+# --------------------------------------------------------------------------- the manager of a run's checkpoints
+
+
+class CheckpointManager:
+    """What goes into a training checkpoint, and when ``last.pt`` and ``best.pt`` are written.
+
+    Policy (as timm's ``CheckpointSaver``, with resumable mid-epoch state):
+
+    * ``last.pt`` after every epoch, and every ``every_steps`` optimizer steps inside an epoch;
+    * ``best.pt`` after an epoch whose selection metric (validation top-1, of the EMA weights when EMA is
+      on) beats every earlier epoch's (the first of equals is kept);
+    * the state holds everything a bit-identical resume needs (see the module docstring).
+
+    Only rank 0 writes; :meth:`state` is collective under DDP (it gathers every rank's RNG states).
+
+    Args:
+        run_dir: the run directory.
+        parts: the :class:`~schane.engine.loop.TrainParts` whose state is saved and restored.
+        config: the resolved config as a plain dict.
+        class_names: the training split's class names, in label order.
+        every_steps: steps between mid-epoch checkpoints, or ``None``.
+    """
+
+    def __init__(self, run_dir: str | Path, parts: Any, config: dict[str, Any], class_names: Sequence[str],
+                 every_steps: int | None = None) -> None:
+        from schane.distributed import DistInfo
+
+        self.run_dir = Path(run_dir)
+        self.parts = parts
+        self.info: DistInfo = parts.info
+        self.config = config
+        self.class_names = [str(c) for c in class_names]
+        self.every_steps = every_steps
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def state(self, epoch: int, batch_in_epoch: int, global_step: int) -> dict[str, Any]:
+        """The checkpoint mapping at this point of training (collective under DDP)."""
+        from schane.distributed import all_gather_object
+
+        p = self.parts
+        return {
+            "model": p.raw_model.state_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "scaler": p.scaler.state_dict() if p.scaler.is_enabled() else None,
+            "ema": p.ema.state_dict() if p.ema is not None else None,
+            "queue": p.queue.state_dict() if p.queue is not None else None,
+            "rng": all_gather_object(capture_rng_state(), self.info),
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "global_step": global_step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "config": self.config,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "eval_weights": "ema" if p.ema is not None else "model",
+        }
+
+    def maybe_save_mid_epoch(self, *, epoch: int, batch_in_epoch: int, n_batches: int, global_step: int) -> Path | None:
+        """Write ``last.pt`` every ``every_steps`` steps, except at an epoch's end (saved by :meth:`end_epoch`).
+
+        Returns:
+            The path written (on rank 0), else ``None``.
+        """
+        from schane.distributed import barrier
+
+        k = self.every_steps
+        if k is None or global_step % k != 0 or batch_in_epoch >= n_batches:
+            return None
+        st = self.state(epoch, batch_in_epoch, global_step)
+        path = save_checkpoint(self.last_path, st) if self.info.is_main else None
+        barrier(self.info)
+        return path
+
+    def end_epoch(self, epoch: int, metric: float | None, global_step: int) -> bool:
+        """Record the epoch's selection metric (``None``: not evaluated), write ``last.pt`` and maybe ``best.pt``.
+
+        Returns:
+            Whether this epoch is the new best.
+        """
+        from schane.distributed import broadcast_object
+
+        improved = False
+        if metric is not None and (self.best_metric is None or metric > self.best_metric):
+            self.best_metric, self.best_epoch, improved = metric, epoch, True
+        self.best_metric, self.best_epoch, improved = broadcast_object(
+            (self.best_metric, self.best_epoch, improved), self.info)
+        st = self.state(epoch + 1, 0, global_step)
+        if self.info.is_main:
+            save_checkpoint(self.last_path, st)
+            if improved:
+                save_checkpoint(self.best_path, st)
+        return improved
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, int, int]:
+        """Load a checkpoint mapping into the parts and this manager.
+
+        Returns:
+            ``(epoch, batch_in_epoch, global_step)`` to continue from.
+
+        Raises:
+            ValueError: when the checkpoint's classes differ from the dataset's.
+            CheckpointError: on a malformed RNG state.
+        """
+        p = self.parts
+        stored = state.get("class_names")
+        if int(state["num_classes"]) != len(self.class_names) or (stored is not None and list(stored) != self.class_names):
+            raise ValueError(
+                f"the checkpoint was trained on {state['num_classes']} classes, the dataset has {len(self.class_names)}"
+                f"{'' if stored is None else ' with other names' if len(stored) == len(self.class_names) else ''}; "
+                "resume with the data config the run was started with"
+            )
+        p.raw_model.load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            p.scaler.load_state_dict(state["scaler"])
+        if p.ema is not None and state.get("ema") is not None:
+            p.ema.load_state_dict(state["ema"])
+        if p.queue is not None and state.get("queue") is not None:
+            p.queue.load_state_dict(state["queue"])
+        self.best_metric, self.best_epoch = state.get("best_metric"), state.get("best_epoch")
+        rngs = state["rng"]
+        restore_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+        return int(state["epoch"]), int(state["batch_in_epoch"]), int(state["global_step"])

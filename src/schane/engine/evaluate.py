@@ -1,27 +1,21 @@
-"""Evaluation: top-1/top-5 accuracy and CE loss, feature extraction, checkpoint evaluation.
+"""Evaluation: top-1/top-5 accuracy and CE loss, validation with model selection, feature extraction.
 
 Examples:
-    >>> metrics = evaluate_checkpoint("runs/demo/best.pt", split="val")  # doctest: +SKIP
+    >>> metrics = evaluate(model, dataset, batch_size=128)  # doctest: +SKIP
     >>> feats, labels = extract_features(model, dataset, batch_size=128)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+from schane.engine.utils import model_device
+from schane.progress import progress as _progress
 
 
 def _as_loader(data: DataLoader | Dataset, batch_size: int, num_workers: int) -> DataLoader:
@@ -56,7 +50,7 @@ def evaluate(
         amp_dtype: autocast dtype, or ``None`` for fp32.
         batch_size: used only when ``loader`` is a ``Dataset``.
         num_workers: used only when ``loader`` is a ``Dataset``.
-        progress: show a tqdm bar.
+        progress: show a progress bar on a terminal.
 
     Returns:
         ``{"top1", "top5", "loss", "n"}``; top-5 is top-min(5, C). Accuracies are fractions in [0, 1].
@@ -65,14 +59,14 @@ def evaluate(
         ValueError: when the data is empty or labels exceed the classifier's width.
     """
     dl = _as_loader(loader, batch_size, num_workers)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
     loss_sum = 0.0
     n = 0
     try:
-        for x, y in tqdm(dl, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+        for x, y in _progress(dl, desc="eval", enabled=progress):
             x, y = x.to(dev, non_blocking=True), torch.as_tensor(y).to(dev)
             if amp_dtype is not None:
                 with torch.autocast(device_type=dev.type, dtype=amp_dtype):
@@ -116,7 +110,7 @@ def extract_features(
         dataset: yields ``(image[3, H, W], label)`` with the transform already applied.
         batch_size: images per forward pass.
         device: where to run; defaults to the model's device.
-        progress: show a tqdm bar.
+        progress: show a progress bar on a terminal.
         num_workers: DataLoader workers.
 
     Returns:
@@ -129,12 +123,12 @@ def extract_features(
     if not hasattr(model, "forward_features"):
         raise ValueError("extract_features needs a model with forward_features (an SCHaNeModel)")
     dl = _as_loader(dataset, batch_size, num_workers)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
-        for x, y in tqdm(dl, desc="features", disable=not progress, leave=False, dynamic_ncols=True):
+        for x, y in _progress(dl, desc="features", enabled=progress):
             feats.append(model.forward_features(x.to(dev)).float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
     finally:
@@ -144,62 +138,31 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def evaluate_checkpoint(
-    path: str | Path, split: str = "test", overrides: list[str] | None = None, *, progress: bool = True
-) -> dict[str, Any]:
-    """Evaluate a training checkpoint on one split of its dataset and print a table.
-
-    The model and data come from the checkpoint's resolved config; ``overrides`` (``a.b=c``)
-    change it, e.g. ``data.root=/new/path`` or ``data.eval_batch_size=64``. Model keys
-    cannot be overridden (the weights fix the architecture).
+def validate(
+    model: nn.Module,
+    dataset: DataLoader | Dataset,
+    *,
+    ema_model: nn.Module | None = None,
+    **kwargs: Any,
+) -> tuple[dict[str, Any], float]:
+    """Evaluate a model (and its EMA) on the validation split; say which number selects checkpoints.
 
     Args:
-        path: a ``best.pt`` or ``last.pt`` written by ``schane train``.
-        split: ``train``, ``val`` or ``test`` (few-shot datasets have no ``test``).
-        overrides: dotted config overrides.
-        progress: show a tqdm bar.
+        model: the trained model.
+        dataset: the validation data (see :func:`evaluate`).
+        ema_model: the EMA weights' model, or ``None``.
+        **kwargs: passed to :func:`evaluate` (``device``, ``amp_dtype``, ``batch_size``, ...).
 
     Returns:
-        ``{"checkpoint", "split", "top1", "top5", "loss", "n"}``.
-
-    Raises:
-        FileNotFoundError: when the checkpoint or the data is missing.
-        ValueError: on a corrupt checkpoint, an unknown split or a bad override.
+        ``(record, metric)``: ``record`` holds ``val_top1``, ``val_top5``, ``val_loss``, ``val_n`` and, with
+        EMA, the same keys prefixed ``val_ema_``; ``metric`` is the selection metric: the EMA weights'
+        top-1 when there are EMA weights (they are what is evaluated later), else the model's.
     """
-    from schane.config import apply_overrides, from_dict, to_dict
-    from schane.data import dataset_info, get_dataset
-    from schane.data.transforms import eval_transform
-    from schane.engine.checkpoint import load_checkpoint_model
-    from schane.engine.utils import IndexedDataset, resolve_amp, resolve_device
-
-    for item in overrides or []:
-        if item.strip().startswith("model."):
-            raise ValueError(f"override {item!r}: the model is fixed by the checkpoint's weights; only data.* etc.")
-    model, cfg, num_classes = load_checkpoint_model(path)
-    cfg = from_dict(apply_overrides(to_dict(cfg), overrides))
-    splits = dataset_info(cfg.data.name).splits
-    if split not in splits:
-        raise ValueError(f"dataset {cfg.data.name!r} has no split {split!r}; choose one of {', '.join(splits)}")
-    device = resolve_device(cfg.train.device)
-    model.to(device)
-    dc = model.data_config
-    tf = eval_transform(cfg.data.img_size, tuple(dc["mean"]), tuple(dc["std"]), crop_pct=float(dc.get("crop_pct") or 0.875))
-    base = get_dataset(
-        cfg.data.name, cfg.data.root, split, None, seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
-        download=cfg.data.download, **cfg.data.options,
-    )
-    if len(base.classes) != num_classes and split in ("train", "val", "test"):
-        raise ValueError(
-            f"split {split!r} has {len(base.classes)} classes but the checkpoint's classifier has {num_classes}"
-        )
-    metrics = evaluate(
-        model, IndexedDataset(base, tf), batch_size=cfg.data.eval_batch_size, device=device,
-        amp_dtype=resolve_amp(cfg.train.amp, device), num_workers=cfg.data.num_workers, progress=progress,
-    )
-    result = {"checkpoint": str(path), "split": split, **metrics}
-    rows = [("checkpoint", str(path)), ("dataset", f"{cfg.data.name} ({split}, {metrics['n']} images)"),
-            ("top-1", f"{100 * metrics['top1']:.2f}%"), ("top-5", f"{100 * metrics['top5']:.2f}%"),
-            ("loss", f"{metrics['loss']:.4f}")]
-    w = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
-    return json.loads(json.dumps(result))
+    val = evaluate(model, dataset, **kwargs)
+    record = {f"val_{k}": v for k, v in val.items()}
+    metric = val["top1"]
+    if ema_model is not None:
+        val_ema = evaluate(ema_model, dataset, **kwargs)
+        record.update({f"val_ema_{k}": v for k, v in val_ema.items()})
+        metric = val_ema["top1"]
+    return record, metric

@@ -1,24 +1,28 @@
-"""Runtime helpers of the training engine: seeding, devices, precision, DDP setup, logging, data order."""
+"""Runtime helpers of the training engine: seeding, devices, precision, data order, run logging.
+
+Process-group helpers live in :mod:`schane.distributed`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- seeding
 
@@ -41,6 +45,19 @@ def worker_init_fn(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under torch (CPU) and Python RNGs seeded with ``seed``; the caller's states are restored."""
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            yield
+    finally:
+        random.setstate(py_state)
 
 
 class SeededTransformDataset(Dataset):
@@ -69,14 +86,35 @@ class SeededTransformDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int, int]:
         img, label = self.base[i]
-        s = sample_seed(self.seed, self.epoch, i)
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
+        with seeded_rng(sample_seed(self.seed, self.epoch, i)):
             out = self.transform(img)
-        random.setstate(py_state)
         return out, int(label), int(i)
+
+
+class SeededItems(Dataset):
+    """``dataset[i]`` computed under torch and Python RNGs seeded by ``(seed, copy, i)``.
+
+    Wraps a dataset whose random transform runs inside ``__getitem__``: item ``i`` of copy
+    ``k`` is then the same augmented view in every run, for every model, whatever subset,
+    order or number of workers is used. The caller's RNG states are left untouched.
+
+    Args:
+        dataset: returns ``(image, label)`` with a random transform applied.
+        seed: the augmentation seed.
+        copy: which augmented copy (0, 1, ...).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, copy: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.copy = int(copy)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        with seeded_rng(sample_seed(self.seed, self.copy, i)):
+            return self.dataset[i]
 
 
 class IndexedDataset(Dataset):
@@ -175,65 +213,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    """Process-group facts of this process."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Initialise the default process group from torchrun's environment variables.
-
-    Does nothing (single process) when ``WORLD_SIZE`` is unset or 1. Backend: NCCL when the
-    run uses CUDA, gloo otherwise.
-
-    Raises:
-        ValueError: when the torchrun variables are incomplete.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
-            raise ValueError(f"WORLD_SIZE={world} but {var} is not set; launch with torchrun --nproc_per_node=K")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, False)
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available() or device_name.startswith("cuda")
-    backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank, world, local_rank, True)
-
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
-
-
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """``obj`` from rank 0 on every rank."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- logging
@@ -287,8 +270,29 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Records of a ``metrics.jsonl`` file (one JSON object per line).
+
+    Blank lines are skipped; a malformed line (for example the last line of a run that was
+    killed mid-write) is skipped with a warning.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"metrics file {p} not found; pass a run directory's metrics.jsonl")
+    records = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: skipping a malformed line", p, i)
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
 
 
 class Throughput:

@@ -2,7 +2,13 @@
 
 A run is described by one :class:`Config`. Defaults live in the dataclasses below; a YAML
 file overrides them; ``--set a.b=c`` on the command line overrides the file. Unknown keys
-and values of the wrong type are rejected with the dotted key's name.
+and values of the wrong type are rejected with the dotted key's name, and :func:`validate`
+holds every range check of every section (training, few-shot, analysis), so a bad value
+fails before any work starts.
+
+Values are read as written: a string field keeps its text (``--set name=010`` is the name
+``"010"``, not the YAML integer 8), a numeric field refuses booleans, and ``null`` means
+``None`` only where a field accepts it.
 
 Examples:
     >>> cfg = load_config(None, ["loss.name=ce", "optim.lr=1e-3"])
@@ -13,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +28,20 @@ from typing import Any
 
 import yaml
 
-LOSS_NAMES = ("ce", "schane", "supcon", "simclr", "hcl")
+from schane.losses import CONTRASTIVE_LOSSES
+from schane.losses._validation import POSITIVE_MODES
+
+LOSS_NAMES = ("ce", *CONTRASTIVE_LOSSES)
+
+# Compared methods of ``schane compare``: name -> (label in reports, config overrides).
+COMPARE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ce": ("CE", {"loss.name": "ce"}),
+    "schane": ("SCHaNe + CE", {"loss.name": "schane"}),
+    "supcon": ("SupCon + CE", {"loss.name": "supcon"}),
+    "simclr": ("SimCLR + CE", {"loss.name": "simclr"}),
+    "hcl": ("SCHaNe w/o labels (hard-neg. NT-Xent) + CE", {"loss.name": "hcl"}),
+    "schane_beta0": ("SCHaNe β=0 + CE", {"loss.name": "schane", "loss.beta": 0.0}),
+}
 
 
 @dataclass
@@ -133,8 +153,9 @@ class FewShotConfig:
     ``protocol`` ``"A"``: frozen features + logistic regression (``logreg_c``; when
     ``logreg_c_grid`` is non-empty, C is chosen from it on validation-class episodes);
     ``"B"``: per-episode fine-tuning (``finetune_steps``, ``finetune_lr``, ``finetune_loss``
-    ``"ce"`` or ``"joint"``). Protocol A fits all episodes at once with a batched solver; ``n_jobs``
-    (joblib processes, -1: all cores) is used only by the scikit-learn reference solver.
+    ``"ce"`` or ``"joint"``: ``lam·contrastive + (1 − lam)·CE`` built from ``loss``). Protocol A fits
+    all episodes at once with the batched torch solver (``solver: torch``); ``solver: sklearn`` fits
+    one scikit-learn ``LogisticRegression`` per episode, spread over ``n_jobs`` processes (-1: all cores).
     """
 
     ways: int = 5
@@ -154,6 +175,7 @@ class FewShotConfig:
     logreg_c_grid: list[float] = field(default_factory=list)
     finetune_loss: str = "ce"
     n_jobs: int = -1
+    solver: str = "torch"
 
 
 @dataclass
@@ -182,19 +204,6 @@ class AnalysisConfig:
     projections: bool = False
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_points >= 3, "analysis.max_points", "must be >= 3"),
-            (self.metric_max_points >= 3, "analysis.metric_max_points", "must be >= 3"),
-            (self.tsne_perplexity > 0, "analysis.tsne_perplexity", "must be > 0"),
-            (self.knn_k >= 1, "analysis.knn_k", "must be >= 1"),
-            (self.knn_reference in ("loo", "train"), "analysis.knn_reference", "must be 'loo' or 'train'"),
-            (len(self.methods) >= 1, "analysis.methods", "must list at least one method, e.g. [ce, schane]"),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ValueError(f"{key}: {msg}")
-
 
 @dataclass
 class Config:
@@ -216,11 +225,86 @@ class Config:
         return Path(self.output_dir) / self.name
 
 
+# --------------------------------------------------------------------------- YAML scalars as written
+
+
+class _Scalar(str):
+    """A YAML scalar kept as written, so each field decides how to read it.
+
+    ``tag`` is YAML's implicit resolution (int, float, bool, null, str ...); ``quoted`` says the text was
+    quoted (then it is a string whatever it looks like).
+    """
+
+    tag: str = "tag:yaml.org,2002:str"
+    quoted: bool = False
+
+    @property
+    def is_null(self) -> bool:
+        return not self.quoted and self.tag.endswith(":null")
+
+    def typed(self) -> Any:
+        """The value YAML would give (``1e-3`` is a float, as on the command line)."""
+        if self.quoted:
+            return str(self)
+        value = yaml.safe_load(str(self)) if self.tag != "tag:yaml.org,2002:str" else str(self)
+        if isinstance(value, str) and any(c in value for c in ".eE"):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that returns every scalar as a :class:`_Scalar`."""
+
+
+def _keep_scalar(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Scalar:
+    out = _Scalar(node.value)
+    out.tag = node.tag
+    out.quoted = node.style in ("'", '"', "|", ">")
+    return out
+
+
+for _tag in ("str", "int", "float", "bool", "null", "timestamp"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_scalar)
+
+
+def _plain(value: Any) -> Any:
+    """Turn :class:`_Scalar` leaves of free-form values (``data.options``, ...) into YAML's types."""
+    if isinstance(value, _Scalar):
+        return None if value.is_null else value.typed()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _wants_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+
+
 # --------------------------------------------------------------------------- conversion
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` to the annotated type ``tp`` or raise ``ValueError`` naming ``key``."""
+    if isinstance(value, _Scalar):
+        if value.is_null and (tp is Any or type(None) in typing.get_args(tp)):
+            return None
+        if _wants_str(tp):
+            return str(value)
+        if tp in (int, float) or type(None) in typing.get_args(tp) and set(typing.get_args(tp)) & {int, float}:
+            try:  # read numbers as Python does: "010" is ten, not YAML's octal eight
+                return _coerce(int(value) if _is_int_text(value) else float(value), tp, key)
+            except ValueError:
+                pass
+        value = _plain(value)
+    if tp is Any:
+        return _plain(value)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -235,8 +319,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[-1] if errors else f"{key}: invalid value {value!r}")
-    if tp is Any:
-        return value
+    return _coerce_plain(value, tp, origin, args, key)
+
+
+def _is_int_text(text: str) -> bool:
+    t = text.strip().replace("_", "")
+    return t.lstrip("+-").isdigit()
+
+
+def _coerce_plain(value: Any, tp: Any, origin: Any, args: tuple[Any, ...], key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -273,7 +364,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except ValueError:
             raise ValueError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
@@ -284,7 +375,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list)) or value is None:
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
@@ -333,18 +424,12 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def _parse_scalar(text: str) -> Any:
-    """Parse the right-hand side of ``--set key=value`` with YAML rules (``1e-3`` is a float)."""
+def _parse_value(text: str) -> Any:
+    """The right-hand side of ``--set key=value``, read as YAML but with every scalar kept as written."""
     try:
-        value = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            return value
-    return value
+        return _Scalar(text)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -369,7 +454,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             if not isinstance(nxt, dict):
                 raise ValueError(f"override {key}: '{p}' is not a section")
             node = nxt
-        node[parts[-1]] = _parse_scalar(raw)
+        node[parts[-1]] = _parse_value(raw)
     return data
 
 
@@ -382,14 +467,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: on unknown keys, wrong types or invalid values.
+        ValueError: on invalid YAML (with the line), unknown keys, wrong types or invalid values.
     """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found; pass an existing YAML file with --config")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.load(p.read_text(), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {p} is not valid YAML{where}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {p} must hold a mapping at the top level")
         data = loaded
@@ -402,82 +493,182 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}: {msg}")
+
+
 def validate(cfg: Config) -> None:
-    """Check value ranges that types alone cannot express.
+    """Check value ranges that types alone cannot express, in every section.
 
     Raises:
         ValueError: naming the offending dotted key.
     """
+    _validate_run(cfg)
+    _validate_loss(cfg.loss)
+    _validate_model_data(cfg)
+    _validate_aug(cfg.aug)
+    _validate_optim(cfg.optim)
+    _validate_train(cfg.train)
+    _validate_fewshot(cfg.fewshot)
+    _validate_analysis(cfg)
 
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ValueError(f"{key}: {msg}")
 
-    need(cfg.loss.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}, got {cfg.loss.name!r}")
-    need(0.0 <= cfg.loss.lam <= 1.0, "loss.lam", f"must be in [0, 1], got {cfg.loss.lam}")
-    need(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}")
-    need(cfg.loss.beta >= 0, "loss.beta", f"must be >= 0, got {cfg.loss.beta}")
-    need(cfg.loss.positive_mode in ("mean", "each"), "loss.positive_mode", "must be 'mean' or 'each'")
-    need(0.0 <= cfg.loss.tau_plus < 1.0, "loss.tau_plus", "must be in [0, 1)")
-    need(cfg.loss.queue_size >= 0, "loss.queue_size", "must be >= 0")
-    need(cfg.loss.chunk_size is None or cfg.loss.chunk_size > 0, "loss.chunk_size", "must be > 0 or null")
-    need(cfg.model.proj_dim > 0, "model.proj_dim", "must be > 0")
-    need(0.0 <= cfg.model.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
-    need(cfg.data.img_size >= 8, "data.img_size", "must be >= 8")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(cfg.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
-    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(0.0 < cfg.aug.scale_min <= 1.0, "aug.scale_min", "must be in (0, 1]")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(cfg.optim.min_lr >= 0, "optim.min_lr", "must be >= 0")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(
-        cfg.optim.layer_decay is None or 0.0 < cfg.optim.layer_decay <= 1.0,
-        "optim.layer_decay",
-        "must be in (0, 1] or null",
-    )
-    need(cfg.optim.epochs >= 1, "optim.epochs", "must be >= 1")
-    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
-    need(cfg.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
-    need(cfg.optim.base_batch_size is None or cfg.optim.base_batch_size > 0, "optim.base_batch_size", "must be > 0")
-    need(cfg.train.amp in ("auto", "bf16", "fp16", "none"), "train.amp", "must be auto, bf16, fp16 or none")
-    need(
-        cfg.train.ema_decay is None or 0.0 < cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in (0, 1) or null"
-    )
-    need(cfg.train.eval_every >= 1, "train.eval_every", "must be >= 1")
-    need(
-        cfg.train.ckpt_every_steps is None or cfg.train.ckpt_every_steps >= 1,
-        "train.ckpt_every_steps",
-        "must be >= 1 or null",
-    )
-    need(
-        cfg.train.max_steps_per_epoch is None or cfg.train.max_steps_per_epoch >= 1,
-        "train.max_steps_per_epoch",
-        "must be >= 1 or null",
-    )
-    need(cfg.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
-    need(
-        cfg.train.device == "auto" or cfg.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
-        "train.device",
-        f"must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}",
-    )
-    need(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "optim.clip_grad", "must be > 0 or null")
-    need(
-        0.0 <= cfg.optim.betas[0] < 1.0 and 0.0 <= cfg.optim.betas[1] < 1.0,
-        "optim.betas",
-        "both must be in [0, 1)",
-    )
-    need(cfg.model.drop_rate >= 0 and cfg.model.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
-    need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name", "must be a plain directory name")
-    need(cfg.fewshot.ways >= 2, "fewshot.ways", "must be >= 2")
-    need(all(s >= 1 for s in cfg.fewshot.shots) and cfg.fewshot.shots, "fewshot.shots", "must be a list of ints >= 1")
-    need(cfg.fewshot.queries >= 1, "fewshot.queries", "must be >= 1")
-    need(cfg.fewshot.episodes >= 1, "fewshot.episodes", "must be >= 1")
-    need(cfg.fewshot.protocol in ("A", "B"), "fewshot.protocol", "must be 'A' (frozen features) or 'B' (fine-tune)")
-    need(
-        all(n in LOSS_NAMES for n in cfg.fewshot.losses),
-        "fewshot.losses",
-        f"every entry must be one of {', '.join(LOSS_NAMES)}",
-    )
-    need(len(cfg.fewshot.seeds) >= 1, "fewshot.seeds", "must list at least one seed")
+def _plain_name(value: str) -> bool:
+    return bool(value) and "/" not in value and "\\" not in value and value not in (".", "..") and "\0" not in value
+
+
+def _validate_run(cfg: Config) -> None:
+    _need(_plain_name(cfg.name), "name", f"must be a plain directory name (no '/'), got {cfg.name!r}")
+    _need(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir", "must be a directory path")
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    _need(loss.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}, got {loss.name!r}")
+    _need(0.0 <= loss.lam <= 1.0, "loss.lam", f"must be in [0, 1], got {loss.lam}")
+    _need(math.isfinite(loss.temperature) and loss.temperature > 0, "loss.temperature",
+          f"must be > 0, got {loss.temperature}")
+    _need(math.isfinite(loss.beta) and loss.beta >= 0, "loss.beta", f"must be >= 0, got {loss.beta}")
+    _need(loss.positive_mode in POSITIVE_MODES, "loss.positive_mode", f"must be one of {', '.join(POSITIVE_MODES)}")
+    _need(0.0 <= loss.tau_plus < 1.0, "loss.tau_plus", "must be in [0, 1)")
+    _need(loss.queue_size >= 0, "loss.queue_size", "must be >= 0")
+    _need(loss.chunk_size is None or loss.chunk_size > 0, "loss.chunk_size", "must be > 0 or null")
+
+
+def _validate_model_data(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    _need(bool(m.backbone), "model.backbone", "must name a backbone")
+    _need(m.proj_dim > 0, "model.proj_dim", "must be > 0")
+    _need(0.0 <= m.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
+    _need(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
+    _need(d.img_size >= 8, "data.img_size", "must be >= 8")
+    _need(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    from schane.data.registry import dataset_info
+
+    try:
+        info = dataset_info(d.name)
+    except ValueError as e:
+        raise ValueError(f"data.name: {e}") from None
+    unknown = sorted(set(d.options) - set(info.options))
+    _need(not unknown, f"data.options.{unknown[0] if unknown else ''}",
+          f"is not an option of dataset {info.name!r}; its options are {', '.join(info.options) or 'none'}")
+
+
+def _validate_aug(aug: AugConfig) -> None:
+    _need(0.0 < aug.scale_min <= 1.0, "aug.scale_min", "must be in (0, 1]")
+    for key in ("hflip", "color_jitter_p", "grayscale_p"):
+        v = getattr(aug, key)
+        _need(0.0 <= v <= 1.0, f"aug.{key}", f"is a probability in [0, 1], got {v}")
+    _need(aug.color_jitter >= 0, "aug.color_jitter", f"must be >= 0 (brightness/contrast/saturation), got {aug.color_jitter}")
+    _need(0.0 <= aug.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {aug.hue}")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be > 0")
+    _need(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    _need(o.min_lr <= o.lr, "optim.min_lr", f"must be <= optim.lr ({o.lr:g}), got {o.min_lr:g}")
+    _need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _need(o.layer_decay is None or 0.0 < o.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1] or null")
+    _need(o.epochs >= 1, "optim.epochs", "must be >= 1")
+    _need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _need(o.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+    _need(o.base_batch_size is None or o.base_batch_size > 0, "optim.base_batch_size", "must be > 0")
+    _need(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be > 0 or null")
+    _need(0.0 <= o.betas[0] < 1.0 and 0.0 <= o.betas[1] < 1.0, "optim.betas", "both must be in [0, 1)")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _need(t.amp in ("auto", "bf16", "fp16", "none"), "train.amp", "must be auto, bf16, fp16 or none")
+    _need(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", "must be in (0, 1) or null")
+    _need(t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    _need(t.ckpt_every_steps is None or t.ckpt_every_steps >= 1, "train.ckpt_every_steps", "must be >= 1 or null")
+    _need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
+          "must be >= 1 or null")
+    _need(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    _need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
+          f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def _validate_fewshot(fs: FewShotConfig) -> None:
+    _need(fs.ways >= 2, "fewshot.ways", "must be >= 2")
+    _need(bool(fs.shots) and all(s >= 1 for s in fs.shots), "fewshot.shots", "must be a list of ints >= 1")
+    _need(len(set(fs.shots)) == len(fs.shots), "fewshot.shots", "must not repeat entries")
+    _need(fs.queries >= 1, "fewshot.queries", "must be >= 1")
+    _need(fs.episodes >= 1, "fewshot.episodes", "must be >= 1")
+    _need(fs.val_episodes >= 1, "fewshot.val_episodes", f"must be >= 1, got {fs.val_episodes}")
+    _need(fs.support_aug >= 0, "fewshot.support_aug", f"must be >= 0, got {fs.support_aug}")
+    _need(fs.protocol in ("A", "B"), "fewshot.protocol", "must be 'A' (frozen features) or 'B' (fine-tune)")
+    _need(all(n in LOSS_NAMES for n in fs.losses), "fewshot.losses", f"every entry must be one of {', '.join(LOSS_NAMES)}")
+    _need(len(set(fs.losses)) == len(fs.losses), "fewshot.losses", "must not repeat entries")
+    _need(len(fs.seeds) >= 1, "fewshot.seeds", "must list at least one seed")
+    _need(len(set(fs.seeds)) == len(fs.seeds), "fewshot.seeds", "must not repeat entries")
+    _need(fs.logreg_c > 0, "fewshot.logreg_c", "must be > 0")
+    _need(all(c > 0 for c in fs.logreg_c_grid), "fewshot.logreg_c_grid", "every entry must be > 0")
+    _need(fs.finetune_steps >= 0, "fewshot.finetune_steps", "must be >= 0")
+    _need(fs.finetune_lr > 0, "fewshot.finetune_lr", "must be > 0")
+    _need(fs.finetune_loss in ("ce", "joint"), "fewshot.finetune_loss", f"must be 'ce' or 'joint', got {fs.finetune_loss!r}")
+    _need(fs.n_jobs != 0, "fewshot.n_jobs", "must be >= 1 or negative (-1: all cores), got 0")
+    _need(fs.solver in ("torch", "sklearn"), "fewshot.solver", f"must be 'torch' or 'sklearn', got {fs.solver!r}")
+    _need(bool(fs.losses) or fs.include_pretrained, "fewshot.losses",
+          "nothing to evaluate: fewshot.losses is empty and fewshot.include_pretrained is false")
+
+
+def _validate_analysis(cfg: Config) -> None:
+    a = cfg.analysis
+    _need(a.max_points >= 3, "analysis.max_points", "must be >= 3")
+    _need(a.metric_max_points >= 3, "analysis.metric_max_points", "must be >= 3")
+    _need(a.tsne_perplexity > 0, "analysis.tsne_perplexity", "must be > 0")
+    _need(a.knn_k >= 1, "analysis.knn_k", "must be >= 1")
+    _need(a.knn_reference in ("loo", "train"), "analysis.knn_reference", "must be 'loo' or 'train'")
+    _need(len(a.methods) >= 1, "analysis.methods", "must list at least one method, e.g. [ce, schane]")
+    _need(len(set(a.methods)) == len(a.methods), "analysis.methods", f"lists a method twice: {a.methods}")
+    for m in a.methods:
+        parse_method(m)
+    for key, values in a.sweeps.items():
+        _need(bool(values), f"analysis.sweeps.{key}", "list at least one value")
+        try:
+            current = _get_dotted(cfg, key)
+        except AttributeError:
+            raise ValueError(f"analysis.sweeps: {key!r} is not a config key (e.g. loss.lam, loss.temperature)") from None
+        _need(isinstance(current, (int, float)) and not isinstance(current, bool), f"analysis.sweeps.{key}",
+              "can sweep numeric keys only")
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise AttributeError(key)
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_method(method: str) -> tuple[str, list[str]]:
+    """``(label, overrides)`` of a compared method: a :data:`COMPARE_METHODS` name or ``LOSS@key=value,...``.
+
+    The overrides are ``key=value`` strings for :func:`apply_overrides`.
+
+    Raises:
+        ValueError: on an unknown method or a malformed ``@`` suffix (``analysis.methods`` is named).
+    """
+    if method in COMPARE_METHODS:
+        label, ov = COMPARE_METHODS[method]
+        return label, [f"{k}={v}" for k, v in ov.items()]
+    base, sep, spec = method.partition("@")
+    if not (sep and base in COMPARE_METHODS):
+        raise ValueError(
+            f"analysis.methods: unknown method {method!r}; use one of {', '.join(COMPARE_METHODS)} or LOSS@key=value "
+            "(e.g. schane@loss.lam=0.5)"
+        )
+    label, ov = COMPARE_METHODS[base]
+    overrides = [f"{k}={v}" for k, v in ov.items()]
+    extra = []
+    for item in spec.split(","):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"analysis.methods: {method!r}: expected LOSS@key=value[,key=value], e.g. schane@loss.beta=0.5")
+        overrides.append(f"{key.strip()}={raw}")
+        extra.append(f"{key.strip().split('.')[-1]}={raw}")
+    return f"{label} ({', '.join(extra)})", overrides

@@ -1,7 +1,7 @@
 """Time of one training step with the SCHaNe objective vs CE alone on the same two-view batch.
 
 Both objectives run the model on the same 2B views (B images x 2 augmentations), exactly as
-``schane.engine.train`` does: forward, joint loss, backward, AdamW step. The only difference
+``schane.engine.loop.train_step`` does: forward, joint loss, backward, AdamW step. The only difference
 is the contrastive term (SCHaNe on the L2-normalised projections, weighted by lambda = 0.9)
 and the gradient it sends back through the projection head. The two objectives are
 interleaved (CE, SCHaNe, CE, SCHaNe, ...) so that load from other processes hits both alike;

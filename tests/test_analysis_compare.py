@@ -6,18 +6,18 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
-pytest.importorskip("schane.engine.train")
-
-from schane.analysis.report import (  # noqa: E402
-    METRIC_COLUMNS,
+from schane.analysis.report import METRIC_COLUMNS
+from schane.config import load_config
+from schane.pipelines.compare import (
     _run_or_reuse,
     analyze_checkpoint,
+    format_analysis,
     method_config,
     run_compare,
 )
-from schane.config import load_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
 COMMON = [
     "data.img_size=32", "data.batch_size=8", "data.eval_batch_size=64", "model.backbone=test_convnext",
@@ -27,22 +27,11 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_openmp_thread():
-    with threadpool_limits(limits=1, user_api="openmp"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def glyph_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("glyphs")
-
-
 def table_rows(text):
     return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
 
 
-def test_compare_on_glyphs_writes_every_metric_and_reuses_runs(tmp_path, glyph_cache, capsys):
+def test_compare_on_glyphs_writes_every_metric_and_reuses_runs(tmp_path, glyph_cache):
     from schane.data import list_datasets
 
     if "glyphs" not in list_datasets():
@@ -83,9 +72,8 @@ def test_compare_on_glyphs_writes_every_metric_and_reuses_runs(tmp_path, glyph_c
         _run_or_reuse(changed, progress=False)
 
     # analyze one checkpoint: printed table, metrics.json and a t-SNE picture
-    capsys.readouterr()
     res = analyze_checkpoint(report / "runs" / "schane" / "best.pt", out_dir=tmp_path / "an", progress=False)
-    out = capsys.readouterr().out
+    out = format_analysis(res)
     assert res["split"] == "test_classes" and res["n"] == 4 * 8
     assert "IsoScore" in out and "kNN" in out
     assert (tmp_path / "an" / "tsne_test_classes.png").is_file() and (tmp_path / "an" / "metrics.json").is_file()

@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 
 from schane.analysis import plots
-from schane.analysis.report import (
-    METRIC_COLUMNS,
-    _logged_seconds,
-    compute_embedding_metrics,
-    method_config,
-    write_report,
-)
+from schane.analysis.report import METRIC_COLUMNS, compute_embedding_metrics, write_report
 from schane.config import load_config
+from schane.pipelines.compare import _logged_seconds, method_config
 
 
 def blobs(classes=3, per_class=20, d=8, seed=0):

@@ -13,9 +13,9 @@ import torch
 
 from schane.config import save_config
 from schane.engine.checkpoint import load_checkpoint
-from schane.engine.train import train
 from schane.engine.utils import read_metrics
-from test_train import image_root, tiny_cfg  # noqa: F401  (fixture re-export)
+from schane.pipelines.train import train
+from test_train import tiny_cfg
 
 
 def _free_port() -> int:
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("loss", ["schane"])
-def test_two_process_gloo_run_matches_single_process(image_root, tmp_path, loss):  # noqa: F811
+def test_two_process_gloo_run_matches_single_process(image_root, tmp_path, loss):
     common = [f"loss.name={loss}", "loss.gather_distributed=true", "train.max_steps_per_epoch=2",
               "optim.base_batch_size=8", "train.seed=3"]
     # 2 ranks x 2 images = the single process's 4 images per step: same global batches, same peak lr

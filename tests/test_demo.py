@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from schane.config import load_config
-from schane.demo import DEMO_CONFIG, demo_config
+from schane.pipelines.demo import DEMO_CONFIG, demo_config
 
 
 def test_shipped_demo_config_is_the_documented_one():

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from schane.fewshot.episodes import sample_episodes
-from schane.fewshot.evaluators import (
+from schane.fewshot import (
     ProtoHead,
     build_feature_bank,
     evaluate_protocol_a,
@@ -19,14 +18,9 @@ from schane.fewshot.evaluators import (
     logreg_fit_batched,
     logreg_predict,
 )
+from schane.fewshot.episodes import sample_episodes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only contend
 
 
 class ToyImages(Dataset):
@@ -284,20 +278,19 @@ def test_protocol_b_accuracy_and_determinism():
     b = evaluate_protocol_b(model, eps, aug, plain, steps=2, lr=1e-2, seed=1, progress=False)
     np.testing.assert_array_equal(a, b)
     assert a.mean() > 70
-    with pytest.raises(ValueError, match="loss"):
-        finetune_episode(model, eps[0], aug, plain, loss="mse")
+    with pytest.raises(ValueError, match="steps"):
+        finetune_episode(model, eps[0], aug, plain, steps=-1)
 
 
 def test_protocol_b_joint_loss_restores_weights():
-    pytest.importorskip("schane.losses", exc_type=ImportError)
-    from schane import losses
+    from schane.config import LossConfig
+    from schane.engine.criterion import build_criterion
 
-    if not hasattr(losses, "JointLoss"):
-        pytest.skip("schane.losses.JointLoss not available yet")
     plain, aug = ToyImages(), ToyImages(noise=0.5)
     model = ToyModel()
     before = _snapshot(model)
     ep = sample_episodes(plain.targets, 3, 1, 3, 1, seed=0)[0]  # 1-shot: the two views are the positives
-    acc = finetune_episode(model, ep, aug, plain, steps=2, lr=1e-2, loss="joint")
+    acc = finetune_episode(model, ep, aug, plain, steps=2, lr=1e-2,
+                           criterion=build_criterion(LossConfig(name="schane", lam=0.9)).joint)
     assert 0 <= acc <= 100
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -1,6 +1,7 @@
 """End-to-end ``schane fewshot`` on the offline glyphs set with a tiny timm backbone."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 import yaml
 
 from schane.fewshot.episodes import load_episodes
-from schane.fewshot.runner import format_table
+from schane.pipelines.fewshot import format_table
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +86,18 @@ def test_table_shows_rows_and_difference(fewshot_run):
     assert "±" in table and "ddof=1" in table
 
 
-def test_rerun_reuses_training_and_reproduces(fewshot_run, capsys):
+def test_rerun_reuses_training_and_reproduces(fewshot_run, caplog):
     from schane.cli import main
 
     run_dir, res, path = fewshot_run
+    caplog.set_level(logging.INFO, logger="schane")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert main(["fewshot", "--config", str(path)]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert "resumed from" in capsys.readouterr().out  # finished runs are reused, not retrained
+    assert "the run is finished" in caplog.text  # finished runs are reused, not retrained
     again = json.loads((run_dir / "fewshot.json").read_text())
     assert [r["per_episode"] for r in again["rows"]] == [r["per_episode"] for r in res["rows"]]
     assert [r["selected"] for r in again["rows"]] == [r["selected"] for r in res["rows"]]

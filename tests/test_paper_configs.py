@@ -25,9 +25,9 @@ from fixtures import (
 )
 from schane.config import load_config
 from schane.data import dataset_info, get_dataset, list_datasets
-from schane.engine.train import peak_lr, train
 from schane.engine.utils import read_metrics
 from schane.models.backbones import BEIT3_CONFIGS
+from schane.pipelines.train import peak_lr, train
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
 FEWSHOT = ("cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet")

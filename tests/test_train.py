@@ -13,39 +13,17 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from schane.config import load_config
 from schane.engine.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_model
-from schane.engine.evaluate import evaluate, evaluate_checkpoint, extract_features
-from schane.engine.train import peak_lr, train
+from schane.engine.evaluate import evaluate, extract_features
 from schane.engine.utils import read_metrics
+from schane.pipelines.evaluate import evaluate_checkpoint, format_evaluation
+from schane.pipelines.train import peak_lr, train
 
-N_CLASSES, PER_CLASS = 3, 12
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and least disturbed by other processes) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def image_root(tmp_path_factory):
-    """A folder per class with small coloured noise images (the class decides the dominant channel)."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for c in range(N_CLASSES):
-        d = root / f"class_{c}"
-        d.mkdir()
-        for i in range(PER_CLASS):
-            a = rng.random((20, 20, 3)) * 90
-            a[..., c] += 160
-            Image.fromarray(a.astype(np.uint8)).save(d / f"{i}.png")
-    return root
+N_CLASSES = 3  # the image_root fixture (conftest.py)
 
 
 def tiny_cfg(root, out, name, *extra):
@@ -126,7 +104,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, torch
     from schane.config import load_config
-    from schane.engine.train import train
+    from schane.pipelines.train import train
     torch.set_num_threads(int(sys.argv[1]))
     cfg = load_config(None, sys.argv[3:])
     kill_at = int(sys.argv[2])
@@ -248,12 +226,12 @@ def test_evaluate_against_naive_topk():
         evaluate(m, torch.utils.data.TensorDataset(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long)))
 
 
-def test_evaluate_checkpoint_reproduces_validation(image_root, tmp_path, capsys):
+def test_evaluate_checkpoint_reproduces_validation(image_root, tmp_path):
     res = train(tiny_cfg(image_root, tmp_path, "ev"))
     val = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if r["kind"] == "epoch"][-1]
     got = evaluate_checkpoint(res.best_checkpoint, split="val", progress=False)
     assert got["top1"] == val["val_top1"] and got["loss"] == pytest.approx(val["val_loss"], rel=1e-5)
-    assert "top-1" in capsys.readouterr().out
+    assert "top-1" in format_evaluation(got) and got["dataset"] == "image_folder"
     test = evaluate_checkpoint(res.best_checkpoint, split="test", progress=False)
     assert test["top1"] == res.metrics["test"]["top1"]
     with pytest.raises(ValueError, match="no split"):

@@ -1,51 +1,63 @@
 """Command-line interface: ``schane train | eval | fewshot | analyze | compare | demo``.
 
-The CLI only parses arguments and calls the library; every command's work lives in the
-library module it names. Run ``schane COMMAND --help`` for each command's options.
+The CLI only parses arguments and calls a workflow of :mod:`schane.pipelines`; results go to standard
+output, progress and log lines to standard error. A user-caused error (a bad config value, a missing file,
+unreadable data, weights that are not available offline, a full disk, ...) is one line
+``schane COMMAND: error: ...`` and exit code 2; a programming error keeps its traceback. Run
+``schane COMMAND --help`` for each command's options.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", "-c", required=required, help="YAML config file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. --set optim.lr=1e-3 loss.name=ce",
-    )
+    _add_set(p, "dotted overrides, e.g. --set optim.lr=1e-3 loss.name=ce")
+
+
+def _add_set(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=help_text)
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
+    p.add_argument("--data", default=None, metavar="ROOT", help="dataset root (default: the checkpoint's data.root)")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate even when the data's classes are not the checkpoint's (a relabelled set on purpose)")
+
+
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"data.root={args.data}"] if args.data is not None else [])]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from schane.config import load_config
-    from schane.engine.train import train
+    from schane.pipelines.train import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
     if result.metrics.get("test"):
         t = result.metrics["test"]
         print(f"test top-1 {100 * t['top1']:.2f}%  top-5 {100 * t['top5']:.2f}%  ({result.run_dir / 'final.json'})")
+    else:
+        print(f"run directory: {result.run_dir}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
+    from schane.pipelines.evaluate import evaluate_checkpoint, format_evaluation
 
-    from schane.engine.evaluate import evaluate_checkpoint
-
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.root={args.data}")
-    result = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=overrides)
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=_data_overrides(args),
+                                 allow_class_mismatch=args.allow_class_mismatch)
+    print(format_evaluation(result))
     if args.json is not None:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -53,36 +65,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
     from schane.config import load_config
-    from schane.fewshot.runner import run_fewshot
+    from schane.pipelines.fewshot import format_table, run_fewshot
 
-    cfg = load_config(args.config, args.overrides)
-    run_fewshot(cfg)
+    results = run_fewshot(load_config(args.config, args.overrides))
+    print(format_table(results))
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from schane.analysis.report import analyze_checkpoint
+    from schane.pipelines.compare import analyze_checkpoint, format_analysis
 
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.root={args.data}")
-    analyze_checkpoint(args.checkpoint, split=args.split, out_dir=args.out, overrides=overrides)
+    result = analyze_checkpoint(args.checkpoint, split=args.split, out_dir=args.out, overrides=_data_overrides(args),
+                                allow_class_mismatch=args.allow_class_mismatch)
+    print(format_analysis(result))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from schane.analysis.report import run_compare
     from schane.config import load_config
+    from schane.pipelines.compare import run_compare
 
-    cfg = load_config(args.config, args.overrides)
-    run_compare(cfg)
+    md = run_compare(load_config(args.config, args.overrides))
+    print(md.read_text())
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from schane.demo import run_demo
+    from schane.pipelines.demo import run_demo
+    from schane.pipelines.fewshot import format_table
 
-    run_demo(out_dir=args.out, seeds=args.seeds, overrides=args.overrides)
+    report = run_demo(out_dir=args.out, seeds=args.seeds, overrides=args.overrides)
+    print(format_table(json.loads((report.parent / "fewshot.json").read_text())))
+    print(f"\nreport: {report}")
     return 0
 
 
@@ -100,12 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
+    _add_checkpoint_args(p)
     p.add_argument("--split", default="test", help="split to evaluate: train, val or test")
-    p.add_argument("--data", default=None, metavar="ROOT", help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides of the checkpoint's config, e.g. data.eval_batch_size=64")
+    _add_set(p, "overrides of the checkpoint's config, e.g. data.eval_batch_size=64")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("fewshot", help="few-shot protocol: fine-tune on base classes, evaluate N-way K-shot episodes")
@@ -113,12 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fewshot)
 
     p = sub.add_parser("analyze", help="embedding metrics and t-SNE for one checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
+    _add_checkpoint_args(p)
     p.add_argument("--split", default="test", help="split whose features are analysed (test = test_classes on few-shot sets)")
-    p.add_argument("--data", default=None, metavar="ROOT", help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides of the checkpoint's config, e.g. data.root=/path")
+    _add_set(p, "overrides of the checkpoint's config, e.g. data.root=/path")
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("compare", help="train CE, SCHaNe and ablations; write a comparison report")
@@ -128,25 +138,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the offline demo: CE vs SCHaNe few-shot on glyphs with EfficientNet-Lite0")
     p.add_argument("--out", default="runs/demo", help="report directory")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the demo's)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides of the demo config")
+    _add_set(p, "overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
+def error_message(e: BaseException) -> str:
+    """The one line a user-caused error is reported as.
+
+    An exception raised inside a DataLoader worker arrives re-raised with the worker's whole traceback as
+    its message; only the original message is kept.
+    """
+    text = str(e)
+    if "DataLoader worker process" in text and "Original Traceback" in text:
+        lines = text.rstrip().splitlines()
+        head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type(e).__name__)}: ")
+        for i in range(len(lines) - 1, -1, -1):
+            m = head.match(lines[i])
+            if m:
+                text = "\n".join([lines[i][m.end():], *lines[i + 1:]])
+                break
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
+        text = e.strerror + (f": {e.filename}" if e.filename else "")
+    return text
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from schane.models.weights import PretrainedWeightsUnavailable
+
+    return (ValueError, FileNotFoundError, ImportError, FloatingPointError, OSError, PretrainedWeightsUnavailable)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``schane`` console script."""
+    from schane.progress import setup_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
-        print(f"schane {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        print(f"schane {args.command}: error: {error_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,9 +6,7 @@ change to the global pyplot backend) and saved as PNG. Every function returns th
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from schane.analysis.metrics import _as_labels, _as_matrix
+from schane.engine.utils import read_metrics
 
 __all__ = [
     "balanced_subsample",
-    "read_metrics_jsonl",
     "sweep_plot",
     "training_curves",
     "tsne_embed",
@@ -321,32 +319,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- training curves
 
 
-def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file (one JSON object per line).
-
-    Blank lines are skipped; a malformed line (for example the last line of a run that was
-    killed mid-write) is skipped with a warning.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"metrics file {p} not found; pass a run directory's metrics.jsonl")
-    records = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.warn(f"{p}:{i}: skipping a malformed line", stacklevel=2)
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -449,7 +421,7 @@ def training_curves(
     data = {}
     for name, p in runs.items():
         p = Path(p)
-        data[name] = read_metrics_jsonl(p / "metrics.jsonl" if p.is_dir() else p)
+        data[name] = read_metrics(p / "metrics.jsonl" if p.is_dir() else p)
     loss_keys: list[str] = []
     acc_keys: list[str] = []
     own_keys: dict[str, set[str]] = {}

@@ -8,17 +8,18 @@ frozen features + logistic regression), with the pretrained backbone as a third 
 measures the geometry of each model's features on the novel classes and writes a report
 (``report.md``, t-SNE maps, training curves) next to the few-shot results.
 
-The settings live in ``schane/configs/demo.yaml`` (also ``configs/demo.yaml`` in the
-repository); how they were chosen is described there.
+The settings live in ``schane/configs/demo.yaml`` (``configs/demo.yaml`` in the repository is a link
+to it); how they were chosen is described there.
 
 Examples:
-    >>> from schane.demo import run_demo
+    >>> from schane.pipelines.demo import run_demo
     >>> report = run_demo("runs/demo", seeds=[0])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-import torch
+logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = files("schane") / "configs" / "demo.yaml"
 
@@ -97,30 +98,20 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
     Raises:
         ValueError: on invalid overrides.
     """
-    from schane.analysis.plots import training_curves, tsne_panels
-    from schane.analysis.report import compute_embedding_metrics, write_report
-    from schane.data import get_dataset
-    from schane.data.transforms import eval_transform
+    from schane.analysis.report import compute_embedding_metrics
     from schane.engine.checkpoint import load_checkpoint_model
     from schane.engine.evaluate import extract_features
-    from schane.fewshot.runner import format_table, run_fewshot
-    from schane.models import build_model
+    from schane.pipelines.fewshot import pretrained_model, run_fewshot
+    from schane.pipelines.setup import eval_dataset
 
     t0 = time.perf_counter()
     cfg = demo_config(out_dir, seeds, overrides)
-    run_dir = Path(cfg.run_dir)
     results = run_fewshot(cfg)
 
     # ---------------------------------------------------------------- embedding geometry
-    print("[demo] embedding metrics on the novel (test) classes")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        pretrained = build_model(cfg.model, cfg.fewshot.ways)
-    dc = pretrained.data_config
-    tf = eval_transform(cfg.data.img_size, dc["mean"], dc["std"], float(dc.get("crop_pct") or 0.875))
-    data_kw = dict(cfg.data.options)
-    test_ds = get_dataset(cfg.data.name, cfg.data.root, "test_classes", tf, seed=cfg.train.seed,
-                          val_fraction=cfg.data.val_fraction, **data_kw)
+    logger.info("[demo] embedding metrics on the novel (test) classes")
+    pretrained = pretrained_model(cfg, cfg.fewshot.ways)
+    test_ds, test_base = eval_dataset(cfg, pretrained, "test_classes")
     per_method: dict[str, list[dict[str, float]]] = {}
     panels: dict[str, tuple[Any, Any]] = {}
     for method, seed, ckpt in _row_models(results):
@@ -131,7 +122,18 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
             compute_embedding_metrics(feats, labels, k=cfg.analysis.knn_k, seed=0))
         if seed in (None, cfg.fewshot.seeds[0]):
             panels[LABELS.get(method, method)] = (feats.numpy(), labels.numpy())
+    report = _write(cfg, results, per_method, panels, test_base.classes)
+    logger.info("[demo] finished in %.0f s; report: %s", time.perf_counter() - t0, report)
+    return report
 
+
+def _write(cfg: Any, results: dict[str, Any], per_method: dict[str, list[dict[str, float]]],
+           panels: dict[str, tuple[Any, Any]], class_names: list[str]) -> Path:
+    """The demo's ``report.md``: the table, the notes on how to read it, t-SNE maps and training curves."""
+    from schane.analysis.plots import training_curves, tsne_panels
+    from schane.analysis.report import write_report
+
+    run_dir = Path(cfg.run_dir)
     train_time: dict[str, list[float]] = {}
     for row in results["rows"]:
         if row["run_dir"]:
@@ -154,7 +156,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
 
     figures: dict[str, Path] = {}
     figures[f"t-SNE of pooled features, novel classes (seed {cfg.fewshot.seeds[0]})"] = tsne_panels(
-        panels, run_dir / "tsne.png", class_names=test_ds.classes, seed=0,
+        panels, run_dir / "tsne.png", class_names=class_names, seed=0,
         title="glyphs novel classes: pooled EfficientNet-Lite0 features",
         max_points=cfg.analysis.max_points)
     curves = {LABELS[m]: run_dir / f"{m}-seed{cfg.fewshot.seeds[0]}" / "metrics.jsonl" for m in cfg.fewshot.losses}
@@ -183,8 +185,4 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
                 f"points (95% t-interval{', excludes 0' if d['excludes_zero'] else ', includes 0'}; "
                 f"per seed {', '.join(f'{v:+.2f}' for v in d['values'])})."
             )
-    report = write_report(rows, figures, run_dir, title="schane demo: CE vs SCHaNe on glyphs", notes=notes)
-    print()
-    print(format_table(results))
-    print(f"\n[demo] finished in {time.perf_counter() - t0:.0f} s; report: {report}")
-    return report
+    return write_report(rows, figures, run_dir, title="schane demo: CE vs SCHaNe on glyphs", notes=notes)

@@ -1,7 +1,7 @@
 """``schane fewshot``: fine-tune per loss and seed, select on validation classes, test once.
 
 For every loss in ``fewshot.losses`` and every seed in ``fewshot.seeds`` the model is
-fine-tuned on the base classes (``train``/``val`` splits) with :func:`schane.engine.train.train`
+fine-tuned on the base classes (``train``/``val`` splits) with :func:`schane.pipelines.train.train`
 into ``run_dir/<loss>-seed<seed>``. The pretrained backbone without fine-tuning is a row of
 its own (``fewshot.include_pretrained``). The checkpoint (``best.pt`` or ``last.pt``) and,
 for protocol A, the logistic-regression ``C`` (``fewshot.logreg_c_grid``) are chosen per
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,34 +33,23 @@ import torch
 
 from schane.config import Config, to_dict
 from schane.fewshot.episodes import Episode, sample_episodes, save_episodes
-from schane.fewshot.evaluators import build_feature_bank, evaluate_protocol_a, evaluate_protocol_b
 from schane.fewshot.stats import mean_ci, paired_difference, seed_summary
+from schane.pipelines.setup import (
+    FewShotViews,
+    check_class_names,
+    fewshot_accuracies,
+    fewshot_views,
+    load_split,
+    prepare_run_dir,
+)
+
+logger = logging.getLogger(__name__)
 
 VAL_SPLIT = "val_classes"
 TEST_SPLIT = "test_classes"
 PRETRAINED = "pretrained"
 
-
-def _check(cfg: Config) -> None:
-    fs = cfg.fewshot
-    if fs.support_aug < 0:
-        raise ValueError(f"fewshot.support_aug: must be >= 0, got {fs.support_aug}")
-    if fs.val_episodes < 1:
-        raise ValueError(f"fewshot.val_episodes: must be >= 1, got {fs.val_episodes}")
-    if fs.logreg_c <= 0 or any(c <= 0 for c in fs.logreg_c_grid):
-        raise ValueError("fewshot.logreg_c and every fewshot.logreg_c_grid entry must be > 0")
-    if fs.finetune_loss not in ("ce", "joint"):
-        raise ValueError(f"fewshot.finetune_loss: must be 'ce' or 'joint', got {fs.finetune_loss!r}")
-    if fs.finetune_steps < 0 or fs.finetune_lr <= 0:
-        raise ValueError("fewshot.finetune_steps must be >= 0 and fewshot.finetune_lr > 0")
-    if fs.n_jobs == 0:
-        raise ValueError("fewshot.n_jobs: must be >= 1 or negative (-1: all cores), got 0")
-    if len(set(fs.losses)) != len(fs.losses) or len(set(fs.seeds)) != len(fs.seeds):
-        raise ValueError("fewshot.losses and fewshot.seeds must not repeat entries")
-    if len(set(fs.shots)) != len(fs.shots):
-        raise ValueError("fewshot.shots must not repeat entries")
-    if not fs.losses and not fs.include_pretrained:
-        raise ValueError("nothing to evaluate: fewshot.losses is empty and fewshot.include_pretrained is false")
+Candidate = tuple[str, Callable[[], torch.nn.Module]]
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -71,27 +62,110 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-class _Splits:
-    """The few-shot splits with their evaluation and support views, built once."""
+def pretrained_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The backbone without fine-tuning; its random parts (the heads) are the same in every rerun."""
+    from schane.models import build_model
 
-    def __init__(self, cfg: Config, mean: Sequence[float], std: Sequence[float], crop_pct: float) -> None:
-        from schane.data import get_dataset
-        from schane.data.transforms import eval_transform, support_transform
-        from schane.engine.utils import IndexedDataset
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg.model, num_classes)
 
-        self.eval: dict[str, Any] = {}
-        self.support: dict[str, Any] = {}
-        self.labels: dict[str, list[int]] = {}
-        etf = eval_transform(cfg.data.img_size, mean, std, crop_pct=crop_pct)
-        stf = support_transform(cfg.data.img_size, mean, std)
-        for split in (VAL_SPLIT, TEST_SPLIT):
-            base = get_dataset(
-                cfg.data.name, cfg.data.root, split, None, seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
-                download=cfg.data.download, **cfg.data.options,
-            )
-            self.eval[split] = IndexedDataset(base, etf)
-            self.support[split] = IndexedDataset(base, stf)
-            self.labels[split] = [int(t) for t in base.targets]
+
+def draw_episodes(cfg: Config, views: FewShotViews, run_dir: Path) -> tuple[dict[str, dict[int, list[Episode]]],
+                                                                         dict[str, dict[str, str]]]:
+    """Sample the validation- and test-class episodes every method is evaluated on; write them to JSON.
+
+    Returns:
+        ``(episodes {split: {shot: [Episode]}}, files {split: {shot: path}})``.
+    """
+    fs = cfg.fewshot
+    episodes: dict[str, dict[int, list[Episode]]] = {VAL_SPLIT: {}, TEST_SPLIT: {}}
+    files: dict[str, dict[str, str]] = {VAL_SPLIT: {}, TEST_SPLIT: {}}
+    for split, n in ((VAL_SPLIT, fs.val_episodes), (TEST_SPLIT, fs.episodes)):
+        for shot in fs.shots:
+            eps = sample_episodes(views.labels[split], fs.ways, shot, fs.queries, n, fs.episode_seed)
+            path = run_dir / "episodes" / f"{split}_{fs.ways}way_{shot}shot.json"
+            save_episodes(path, eps, views.labels[split], split, seed=fs.episode_seed, extra={"dataset": cfg.data.name})
+            episodes[split][shot] = eps
+            files[split][str(shot)] = str(path)
+    return episodes, files
+
+
+@dataclass
+class _Study:
+    """The shared state of one few-shot study: its data, episodes and the selection rule."""
+
+    cfg: Config
+    views: FewShotViews
+    episodes: dict[str, dict[int, list[Episode]]]
+    device: torch.device
+
+    @property
+    def c_grid(self) -> list[float]:
+        fs = self.cfg.fewshot
+        if fs.protocol == "B":
+            return [fs.logreg_c]  # unused by protocol B
+        return list(fs.logreg_c_grid) or [fs.logreg_c]
+
+    def evaluate(self, model: torch.nn.Module, split: str, shots: Sequence[int], cs: Sequence[float],
+                 tag: str) -> dict[tuple[int, float], np.ndarray]:
+        eps = {s: self.episodes[split][s] for s in shots}
+        return fewshot_accuracies(model, self.cfg, self.views, split, eps, cs, device=self.device, tag=tag)
+
+    def select(self, candidates: list[Candidate], tag: str) -> dict[int, tuple[str, float, float | None]]:
+        """Per shot: ``(candidate, C, validation accuracy)`` with the best mean on validation-class episodes."""
+        shots, cs = self.cfg.fewshot.shots, self.c_grid
+        if len(candidates) * len(cs) == 1:
+            return {s: (candidates[0][0], cs[0], None) for s in shots}
+        scores: dict[int, list[tuple[float, str, float]]] = {s: [] for s in shots}
+        for name, load in candidates:
+            res = self.evaluate(load(), VAL_SPLIT, shots, cs, f"{tag} [{name}]")
+            for (shot, c), accs in res.items():
+                scores[shot].append((float(accs.mean()), name, c))
+        choice = {}
+        for shot, sc in scores.items():
+            best = max(sc, key=lambda t: t[0])  # first of equals: earlier candidate, earlier C
+            choice[shot] = (best[1], best[2], best[0])
+        return choice
+
+    def row(self, method: str, seed: int | None, run_dir: str | None, candidates: list[Candidate],
+            tag: str) -> dict[str, Any]:
+        """Choose on validation classes, then evaluate the test-class episodes once: one table row."""
+        fs = self.cfg.fewshot
+        choice = self.select(candidates, tag)
+        per_episode: dict[str, np.ndarray] = {}
+        for name, load in candidates:
+            shots = [s for s in fs.shots if choice[s][0] == name]
+            if not shots:
+                continue
+            model = load()
+            for shot in shots:
+                res = self.evaluate(model, TEST_SPLIT, [shot], [choice[shot][1]], f"{tag} [{name}]")
+                per_episode[str(shot)] = res[(shot, choice[shot][1])]
+        selected = {str(s): {"checkpoint": choice[s][0], "C": choice[s][1] if fs.protocol == "A" else None,
+                             "val_acc": choice[s][2]} for s in fs.shots}
+        per_ep = {str(s): per_episode[str(s)] for s in fs.shots}
+        logger.info("[fewshot] %s: %s", tag, "; ".join(
+            f"{s}-shot {a.mean():.2f}%" + (f" (val {choice[s][2]:.2f}%, {choice[s][0]}"
+                                           + (f", C={choice[s][1]:g}" if fs.protocol == "A" else "") + ")"
+                                           if choice[s][2] is not None else "")
+            for s, a in zip(fs.shots, per_ep.values(), strict=True)))
+        return {
+            "method": method, "seed": seed, "run_dir": run_dir, "selected": selected,
+            "test": {s: mean_ci(a).to_dict() for s, a in per_ep.items()},
+            "per_episode": {s: [float(x) for x in a] for s, a in per_ep.items()},
+        }
+
+
+def run_config(cfg: Config, loss: str, seed: int) -> Config:
+    """The base-class fine-tuning run of one (loss, seed) of a study: ``run_dir/<loss>-seed<seed>``."""
+    sub = copy.deepcopy(cfg)
+    sub.loss.name = loss
+    sub.train.seed = seed
+    sub.train.test_at_end = False
+    sub.output_dir = str(cfg.run_dir)
+    sub.name = f"{loss}-seed{seed}"
+    return sub
 
 
 def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
@@ -101,7 +175,7 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
         cfg: the configuration; ``cfg.fewshot`` sets the protocol, ``cfg.data`` must name a
             few-shot dataset (with ``val_classes`` and ``test_classes`` splits), and the
             other sections configure the base-class fine-tuning of each run.
-        train_fn: the training function (default :func:`schane.engine.train.train`), called as
+        train_fn: the training function (default :func:`schane.pipelines.train.train`), called as
             ``train_fn(run_cfg, resume="auto")`` and returning an object with ``best_checkpoint``
             and ``last_checkpoint``. An existing finished run is therefore reused.
 
@@ -134,145 +208,59 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
         ValueError: on an invalid few-shot config or a dataset without few-shot splits.
         FileNotFoundError: when the dataset's files are missing.
     """
-    from schane.data import dataset_info
-    from schane.engine.checkpoint import load_checkpoint_model
-    from schane.engine.evaluate import extract_features
     from schane.engine.utils import resolve_device
-    from schane.models import build_model
+    from schane.pipelines.setup import dataset_splits
 
-    _check(cfg)
-    fs = cfg.fewshot
-    info = dataset_info(cfg.data.name)
-    if VAL_SPLIT not in info.splits or TEST_SPLIT not in info.splits:
+    splits = dataset_splits(cfg)
+    if VAL_SPLIT not in splits or TEST_SPLIT not in splits:
         raise ValueError(
-            f"dataset {cfg.data.name!r} has no {VAL_SPLIT}/{TEST_SPLIT} splits (it is a {info.kind} set); "
-            "schane fewshot needs a few-shot benchmark such as glyphs, cifar_fs, fc100, mini_imagenet"
+            f"dataset {cfg.data.name!r} has no {VAL_SPLIT}/{TEST_SPLIT} splits; schane fewshot needs a few-shot "
+            "benchmark such as glyphs, cifar_fs, fc100, mini_imagenet"
         )
     if train_fn is None:
-        from schane.engine.train import train as train_fn
+        from schane.pipelines.train import train as train_fn
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
-    progress = cfg.train.progress
-    extract = partial(extract_features, num_workers=cfg.data.num_workers)
-    c_grid = list(fs.logreg_c_grid) or [fs.logreg_c]
-    if fs.protocol == "B":
-        c_grid = [fs.logreg_c]  # unused by protocol B
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)  # any randomly initialised part is the same in every rerun
-        pretrained = build_model(cfg.model, fs.ways)
-    dc = pretrained.data_config
-    splits = _Splits(cfg, tuple(dc["mean"]), tuple(dc["std"]), float(dc.get("crop_pct") or 0.875))
-
-    # ------------------------------------------------------------ identical episodes for all methods
-    episodes: dict[str, dict[int, list[Episode]]] = {VAL_SPLIT: {}, TEST_SPLIT: {}}
-    files: dict[str, dict[str, str]] = {VAL_SPLIT: {}, TEST_SPLIT: {}}
-    for split, n in ((VAL_SPLIT, fs.val_episodes), (TEST_SPLIT, fs.episodes)):
-        for shot in fs.shots:
-            eps = sample_episodes(splits.labels[split], fs.ways, shot, fs.queries, n, fs.episode_seed)
-            path = run_dir / "episodes" / f"{split}_{fs.ways}way_{shot}shot.json"
-            save_episodes(path, eps, splits.labels[split], split, seed=fs.episode_seed, extra={"dataset": cfg.data.name})
-            episodes[split][shot] = eps
-            files[split][str(shot)] = str(path)
-
-    def evaluate(model: torch.nn.Module, split: str, shots: Sequence[int], cs: Sequence[float], tag: str) -> dict:
-        """``{(shot, C): per-episode accuracies}`` of one model on one split."""
-        model = model.to(device).eval()
-        out: dict[tuple[int, float], np.ndarray] = {}
-        if fs.protocol == "A":
-            bank = build_feature_bank(
-                model, splits.eval[split], splits.support[split], [e for s in shots for e in episodes[split][s]],
-                n_aug=fs.support_aug, seed=fs.episode_seed, batch_size=cfg.data.eval_batch_size, device=device,
-                progress=progress, extract_fn=extract,
-            )
-            for shot in shots:
-                for c in cs:
-                    out[(shot, c)] = evaluate_protocol_a(
-                        bank, episodes[split][shot], C=c, n_jobs=fs.n_jobs, progress=progress,
-                        desc=f"{tag} {split} {shot}-shot C={c:g}",
-                    )
-        else:
-            for shot in shots:
-                out[(shot, cs[0])] = evaluate_protocol_b(
-                    model, episodes[split][shot], splits.support[split], splits.eval[split],
-                    steps=fs.finetune_steps, lr=fs.finetune_lr, loss=fs.finetune_loss, lam=cfg.loss.lam,
-                    temperature=cfg.loss.temperature, beta=cfg.loss.beta, seed=fs.episode_seed, progress=progress,
-                    desc=f"{tag} {split} {shot}-shot",
-                )
-        return out
-
-    def select_and_test(
-        candidates: list[tuple[str, Callable[[], torch.nn.Module]]], tag: str
-    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Choose (checkpoint, C) per shot on val_classes, then evaluate test_classes once."""
-        choice: dict[int, tuple[str, float, float | None]] = {}
-        if len(candidates) * len(c_grid) == 1:
-            choice = {s: (candidates[0][0], c_grid[0], None) for s in fs.shots}
-        else:
-            scores: dict[int, list[tuple[float, str, float]]] = {s: [] for s in fs.shots}
-            for name, load in candidates:
-                res = evaluate(load(), VAL_SPLIT, fs.shots, c_grid, f"{tag} [{name}]")
-                for (shot, c), accs in res.items():
-                    scores[shot].append((float(accs.mean()), name, c))
-            for shot, sc in scores.items():
-                best = max(sc, key=lambda t: t[0])  # first of equals: earlier candidate, earlier C
-                choice[shot] = (best[1], best[2], best[0])
-        per_episode: dict[str, np.ndarray] = {}
-        for name, load in candidates:
-            shots = [s for s in fs.shots if choice[s][0] == name]
-            if not shots:
-                continue
-            model = load()
-            for shot in shots:
-                res = evaluate(model, TEST_SPLIT, [shot], [choice[shot][1]], f"{tag} [{name}]")
-                per_episode[str(shot)] = res[(shot, choice[shot][1])]
-        selected = {str(s): {"checkpoint": choice[s][0], "C": choice[s][1] if fs.protocol == "A" else None,
-                             "val_acc": choice[s][2]} for s in fs.shots}
-        return selected, {str(s): per_episode[str(s)] for s in fs.shots}
-
+    fs, run_dir = cfg.fewshot, Path(cfg.run_dir)
+    prepare_run_dir(run_dir)
+    pretrained = pretrained_model(cfg, fs.ways)
+    views = fewshot_views(cfg, pretrained, (VAL_SPLIT, TEST_SPLIT))
+    episodes, files = draw_episodes(cfg, views, run_dir)
+    study = _Study(cfg, views, episodes, resolve_device(cfg.train.device))
     rows: list[dict[str, Any]] = []
-
-    def add_row(method: str, seed: int | None, sub_dir: str | None, selected: dict, per_ep: dict) -> None:
-        rows.append({
-            "method": method, "seed": seed, "run_dir": sub_dir, "selected": selected,
-            "test": {s: mean_ci(a).to_dict() for s, a in per_ep.items()},
-            "per_episode": {s: [float(x) for x in a] for s, a in per_ep.items()},
-        })
-
     if fs.include_pretrained:
-        print(f"[fewshot] {PRETRAINED}: {cfg.model.backbone} without fine-tuning")
-        selected, per_ep = select_and_test([("none", lambda m=pretrained: m)], PRETRAINED)
-        add_row(PRETRAINED, None, None, selected, per_ep)
+        logger.info("[fewshot] %s: %s without fine-tuning", PRETRAINED, cfg.model.backbone)
+        rows.append(study.row(PRETRAINED, None, None, [("none", lambda m=pretrained: m)], PRETRAINED))
     del pretrained
-
+    base_classes = load_split(cfg, "train").classes if fs.losses else []
     for loss in fs.losses:
         for seed in fs.seeds:
-            sub = copy.deepcopy(cfg)
-            sub.loss.name = loss
-            sub.train.seed = seed
-            sub.train.test_at_end = False
-            sub.output_dir = str(run_dir)
-            sub.name = f"{loss}-seed{seed}"
-            print(f"[fewshot] fine-tuning {loss} (seed {seed}) on the base classes -> {sub.run_dir}")
-            result = train_fn(sub, resume="auto")
-            cands = _checkpoint_candidates(result.best_checkpoint, result.last_checkpoint)
-            loaders = [(name, partial(lambda p: load_checkpoint_model(p, map_location=device)[0], p))
-                       for name, p in cands]
-            selected, per_ep = select_and_test(loaders, f"{loss} s{seed}")
-            for s in selected.values():
-                s["checkpoint"] = str(dict(cands)[s["checkpoint"]])
-            add_row(loss, seed, str(sub.run_dir), selected, per_ep)
-
+            rows.append(_fine_tuned_row(study, loss, seed, train_fn, base_classes))
     results = _summarise(cfg, rows, files)
     results["seconds"] = time.perf_counter() - t0
     results["run_dir"] = str(run_dir)
     results["results_file"] = str(run_dir / "fewshot.json")
     results = _nan_to_none(results)
     (run_dir / "fewshot.json").write_text(json.dumps(results, indent=1))
-    print(format_table(results))
     return results
+
+
+def _fine_tuned_row(study: _Study, loss: str, seed: int, train_fn: Callable[..., Any],
+                    base_classes: Sequence[str]) -> dict[str, Any]:
+    from schane.engine.checkpoint import load_checkpoint, load_checkpoint_model
+
+    sub = run_config(study.cfg, loss, seed)
+    logger.info("[fewshot] fine-tuning %s (seed %d) on the base classes -> %s", loss, seed, sub.run_dir)
+    result = train_fn(sub, resume="auto")
+    cands = _checkpoint_candidates(result.best_checkpoint, result.last_checkpoint)
+    trained = load_checkpoint(cands[0][1]).get("class_names")
+    check_class_names(trained, base_classes, f"the base classes of {study.cfg.data.name} (run {sub.run_dir})")
+    device = study.device
+    loaders: list[Candidate] = [(name, partial(lambda p: load_checkpoint_model(p, map_location=device)[0], p))
+                                for name, p in cands]
+    row = study.row(loss, seed, str(sub.run_dir), loaders, f"{loss} s{seed}")
+    for s in row["selected"].values():
+        s["checkpoint"] = str(dict(cands)[s["checkpoint"]])
+    return row
 
 
 def _checkpoint_candidates(best: Path | None, last: Path) -> list[tuple[str, Path]]:

@@ -1,0 +1,38 @@
+"""The workflows: train and evaluate from a config, the few-shot study, compare/analyze, the demo.
+
+Each is a thin sequence of library calls on the shared set-up of :mod:`schane.pipelines.setup`; the
+command-line tool calls them and nothing else. The library packages (``losses``, ``data``, ``models``,
+``engine``, ``fewshot``, ``analysis``) never import this package.
+
+Examples:
+    >>> from schane.config import load_config
+    >>> from schane.pipelines import train
+    >>> result = train(load_config("configs/demo.yaml", ["name=mine"]))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "TrainResult": "train",
+    "train": "train",
+    "evaluate_checkpoint": "evaluate",
+    "run_fewshot": "fewshot",
+    "format_table": "fewshot",
+    "run_compare": "compare",
+    "analyze_checkpoint": "compare",
+    "method_config": "compare",
+    "run_demo": "demo",
+    "demo_config": "demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # lazy: each workflow pulls in what it needs only when used
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"schane.pipelines.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'schane.pipelines' has no attribute {name!r}")

@@ -1,0 +1,335 @@
+"""The set-up every workflow shares, written once.
+
+* :func:`load_split`: one split of the run's dataset, as ``cfg.data`` describes it (the only place outside
+  :mod:`schane.data` that turns a config into a dataset);
+* :func:`eval_transform_for`, :func:`train_transform_for`, :func:`support_transform_for`: the preprocessing
+  of a model's pretrained weights (or the config's explicit choice);
+* :func:`load_for_evaluation`: a trained model from a checkpoint, with config overrides and a check that
+  the data's classes are the checkpoint's;
+* :func:`fewshot_accuracies`: few-shot accuracy per episode under protocol A or B, the one function every
+  workflow evaluates episodes with;
+* :func:`config_diff`: what differs between two configs (resume warnings, run reuse);
+* :func:`prepare_run_dir`: a run directory that can be written, checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from schane.config import Config, apply_overrides, from_dict, to_dict
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CROP_PCT = 0.875
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_split(cfg: Config, split: str, transform: Any = None) -> Any:
+    """One split of ``cfg.data``'s dataset (``transform`` applied to each PIL image, ``None``: PIL images).
+
+    The validation hold-out is seeded with ``train.seed`` (so CE and SCHaNe runs with the same seed share it).
+
+    Raises:
+        ValueError: on an unknown dataset, split or option.
+        FileNotFoundError: when the data is missing.
+    """
+    from schane.data import get_dataset
+
+    d = cfg.data
+    return get_dataset(d.name, d.root, split, transform, seed=cfg.train.seed, val_fraction=d.val_fraction,
+                       download=d.download, **d.options)
+
+
+def dataset_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits ``cfg.data``'s dataset offers."""
+    from schane.data import dataset_info
+
+    return dataset_info(cfg.data.name).splits
+
+
+def _preprocessing(cfg: Config, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], float]:
+    dc = model.data_config
+    return tuple(dc["mean"]), tuple(dc["std"]), float(dc.get("crop_pct") or DEFAULT_CROP_PCT)
+
+
+def eval_transform_for(cfg: Config, model: nn.Module) -> Any:
+    """The deterministic evaluation transform for ``model`` at ``data.img_size``."""
+    from schane.data.transforms import eval_transform
+
+    mean, std, crop_pct = _preprocessing(cfg, model)
+    return eval_transform(cfg.data.img_size, mean, std, crop_pct=crop_pct)
+
+
+def train_transform_for(cfg: Config, model: nn.Module) -> Any:
+    """One random training view for ``model`` (``aug.*`` settings)."""
+    from schane.data.transforms import train_transform
+
+    mean, std, _ = _preprocessing(cfg, model)
+    return train_transform(cfg.data.img_size, mean, std, cfg.aug)
+
+
+def support_transform_for(cfg: Config, model: nn.Module) -> Any:
+    """The few-shot support augmentation for ``model``."""
+    from schane.data.transforms import support_transform
+
+    mean, std, _ = _preprocessing(cfg, model)
+    return support_transform(cfg.data.img_size, mean, std)
+
+
+def eval_dataset(cfg: Config, model: nn.Module, split: str) -> tuple[Any, Any]:
+    """``(dataset with the evaluation transform, the plain split)`` for ``model``."""
+    from schane.engine.utils import IndexedDataset
+
+    base = load_split(cfg, split)
+    return IndexedDataset(base, eval_transform_for(cfg, model)), base
+
+
+# --------------------------------------------------------------------------- configs, run directories and checkpoints
+
+
+def prepare_run_dir(run_dir: Path, *, create: bool = True) -> None:
+    """Check that the run directory can be one, and create it, before any data or model is loaded.
+
+    Raises:
+        ValueError: when it or a parent is a file, or it cannot be created (no permission, read-only or
+            system location); the message names the path and the key to change.
+    """
+    for p in [run_dir, *run_dir.parents]:
+        if p.exists() and not p.is_dir():
+            key = "name" if p == run_dir else "output_dir"
+            raise ValueError(f"{p} is a file, not a directory: the run directory {run_dir} cannot be created there; "
+                             f"set another {key}")
+        if p.exists():
+            break
+    if not create:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the run directory {run_dir} ({e.strerror or e}); set output_dir to a "
+                         "folder you can write") from None
+
+
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[str] = (), prefix: str = "") -> list[str]:
+    """``"key: a -> b"`` for every dotted key whose value differs between two config dicts.
+
+    Args:
+        a, b: nested config mappings (:func:`schane.config.to_dict`).
+        ignore: dotted keys or whole sections to skip.
+        prefix: dotted prefix of ``a`` and ``b`` (recursion).
+    """
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if key in ignore:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += config_diff(va, vb, ignore=ignore, prefix=key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str] | None) -> Config:
+    """``cfg`` with ``key=value`` overrides applied (parsed as on the command line) and validated."""
+    return from_dict(apply_overrides(to_dict(cfg), list(overrides or [])))
+
+
+@dataclass
+class Loaded:
+    """A trained model ready for evaluation.
+
+    Attributes:
+        model: the :class:`~schane.models.SCHaNeModel` in eval mode on ``device``.
+        cfg: the run's config with the overrides applied.
+        num_classes: the classifier's width.
+        class_names: the training classes in label order (``None`` for checkpoints of schane < 0.2).
+        device: where the model is.
+        path: the checkpoint.
+    """
+
+    model: nn.Module
+    cfg: Config
+    num_classes: int
+    class_names: list[str] | None
+    device: torch.device
+    path: Path
+
+
+def load_for_evaluation(path: str | Path, overrides: Sequence[str] | None = None) -> Loaded:
+    """Rebuild a trained model from its checkpoint for evaluation, with config overrides (``data.root=...``).
+
+    Raises:
+        FileNotFoundError: when the checkpoint is missing.
+        ValueError: on a corrupt checkpoint or an override of a ``model.*`` key (the weights fix the model).
+    """
+    from schane.engine.checkpoint import load_checkpoint_model
+    from schane.engine.utils import resolve_device
+
+    for item in overrides or []:
+        if item.strip().startswith("model."):
+            raise ValueError(f"override {item!r}: the model is fixed by the checkpoint's weights; override data.* etc.")
+    model, cfg, num_classes = load_checkpoint_model(path)
+    cfg = with_overrides(cfg, overrides)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    names = getattr(model, "class_names", None)
+    return Loaded(model, cfg, num_classes, list(names) if names is not None else None, device, Path(path))
+
+
+def check_class_names(trained: Sequence[str] | None, data: Sequence[str], where: str, *, allow: bool = False) -> None:
+    """Refuse to evaluate a model on data whose classes are not the ones it was trained on.
+
+    Args:
+        trained: the checkpoint's class names (``None``: not stored, nothing to check).
+        data: the data's class names, in label order.
+        where: the data's description for the message.
+        allow: only log a warning (evaluating a relabelled set on purpose).
+
+    Raises:
+        ValueError: listing the differences, unless ``allow``.
+    """
+    if trained is None:
+        logger.warning("the checkpoint stores no class names (written by schane < 0.2): cannot check them against %s",
+                       where)
+        return
+    trained, data = list(trained), list(data)
+    if trained == data:
+        return
+    only_ckpt = [c for c in trained if c not in set(data)]
+    only_data = [c for c in data if c not in set(trained)]
+    if only_ckpt or only_data:
+        what = (f"{len(only_ckpt)} class(es) only in the checkpoint ({', '.join(only_ckpt[:5])}"
+                f"{', ...' if len(only_ckpt) > 5 else ''}), {len(only_data)} only in the data "
+                f"({', '.join(only_data[:5])}{', ...' if len(only_data) > 5 else ''})")
+    else:
+        moved = [f"{i}: {a} vs {b}" for i, (a, b) in enumerate(zip(trained, data, strict=True)) if a != b]
+        what = f"the same classes in another label order ({'; '.join(moved[:3])}{' ...' if len(moved) > 3 else ''})"
+    msg = f"the classes of {where} are not the ones the checkpoint was trained on: {what}"
+    if allow:
+        logger.warning("%s (evaluating anyway: --allow-class-mismatch)", msg)
+        return
+    raise ValueError(msg + "; pass --allow-class-mismatch to evaluate a relabelled set on purpose")
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+@dataclass
+class FewShotViews:
+    """A few-shot split under the evaluation and the support transforms of one preprocessing."""
+
+    eval: dict[str, Any] = field(default_factory=dict)
+    support: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, list[int]] = field(default_factory=dict)
+    classes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def fewshot_views(cfg: Config, model: nn.Module, splits: Sequence[str]) -> FewShotViews:
+    """Load ``splits`` (e.g. ``val_classes``, ``test_classes``) with ``model``'s evaluation and support views."""
+    from schane.engine.utils import IndexedDataset
+
+    views = FewShotViews()
+    etf, stf = eval_transform_for(cfg, model), support_transform_for(cfg, model)
+    for split in splits:
+        base = load_split(cfg, split)
+        views.eval[split] = IndexedDataset(base, etf)
+        views.support[split] = IndexedDataset(base, stf)
+        views.labels[split] = [int(t) for t in base.targets]
+        views.classes[split] = list(base.classes)
+    return views
+
+
+def fewshot_accuracies(
+    model: nn.Module,
+    cfg: Config,
+    views: FewShotViews,
+    split: str,
+    episodes: Mapping[int, Sequence[Any]],
+    cs: Sequence[float],
+    *,
+    device: torch.device,
+    tag: str = "",
+) -> dict[tuple[int, float], np.ndarray]:
+    """Per-episode accuracy (%) of one model on one split's episodes, under ``cfg.fewshot.protocol``.
+
+    Protocol A (frozen features + logistic regression) builds one feature bank for all shots and fits every
+    ``C`` of ``cs``; protocol B (per-episode fine-tuning) ignores ``cs`` and uses ``cs[0]`` as the key.
+
+    Args:
+        model: the model (any mode; moved to ``device``).
+        cfg: ``fewshot.*`` (protocol, support_aug, solver, n_jobs, finetune_*), ``loss.*`` for protocol B's
+            joint objective, ``data.eval_batch_size``, ``data.num_workers``, ``train.progress``.
+        views: the split's datasets (:func:`fewshot_views`).
+        split: which split of ``views``.
+        episodes: ``{shot: episodes}``.
+        cs: logistic-regression strengths to evaluate.
+        device: where the model runs.
+        tag: label of the progress output.
+
+    Returns:
+        ``{(shot, C): accuracies[n_episodes]}``.
+    """
+    from schane.engine.evaluate import extract_features
+    from schane.fewshot import build_feature_bank, evaluate_protocol_a, evaluate_protocol_b
+
+    fs, show = cfg.fewshot, cfg.train.progress
+    model = model.to(device).eval()
+    out: dict[tuple[int, float], np.ndarray] = {}
+    if fs.protocol == "A":
+        bank = build_feature_bank(
+            model, views.eval[split], views.support[split], [e for s in episodes for e in episodes[s]],
+            n_aug=fs.support_aug, seed=fs.episode_seed, batch_size=cfg.data.eval_batch_size, device=device,
+            progress=show, extract_fn=partial(extract_features, num_workers=cfg.data.num_workers),
+        )
+        for shot in episodes:
+            for c in cs:
+                out[(shot, c)] = evaluate_protocol_a(
+                    bank, episodes[shot], C=c, n_jobs=fs.n_jobs, solver=fs.solver, progress=show,
+                    desc=f"{tag} {split} {shot}-shot C={c:g}",
+                )
+        return out
+    criterion = None
+    if fs.finetune_loss == "joint":
+        from schane.engine.criterion import build_criterion
+
+        criterion = build_criterion(cfg.loss).joint
+    for shot in episodes:
+        out[(shot, cs[0])] = evaluate_protocol_b(
+            model, episodes[shot], views.support[split], views.eval[split], steps=fs.finetune_steps,
+            lr=fs.finetune_lr, criterion=criterion, seed=fs.episode_seed, progress=show, desc=f"{tag} {split} {shot}-shot",
+        )
+    return out
+
+
+__all__ = [
+    "FewShotViews",
+    "Loaded",
+    "check_class_names",
+    "config_diff",
+    "dataset_splits",
+    "eval_dataset",
+    "eval_transform_for",
+    "fewshot_accuracies",
+    "fewshot_views",
+    "load_for_evaluation",
+    "load_split",
+    "prepare_run_dir",
+    "support_transform_for",
+    "train_transform_for",
+    "with_overrides",
+]

@@ -1,0 +1,423 @@
+"""``schane train``: fine-tune from a config (two views per image, ``lam * contrastive + (1 - lam) * CE``).
+
+This module is the workflow around the engine's parts: it resolves the run directory and the resume point,
+loads every split before the first step, builds the model, optimizer, schedule and objective
+(:class:`~schane.engine.loop.TrainParts`), hands each epoch to :func:`~schane.engine.loop.train_one_epoch`,
+validates and checkpoints through :class:`~schane.engine.checkpoint.CheckpointManager`, and evaluates the
+selected weights on the test split once at the end.
+
+One optimizer step sees ``data.batch_size`` images per process and micro-step (two augmented views each),
+``optim.accum_steps`` micro-steps and ``WORLD_SIZE`` processes. The peak learning rate follows the linear
+scaling rule ``optim.lr * effective_batch / optim.base_batch_size``. Each sample's augmentation is seeded by
+``(train.seed, epoch, index)`` and the batch order by ``(train.seed, epoch)``, so a run resumed from a
+mid-epoch checkpoint replays exactly the batches it had not consumed and ends with the same weights as an
+uninterrupted run.
+
+Examples:
+    >>> from schane.config import load_config
+    >>> cfg = load_config("configs/demo.yaml", ["loss.name=schane"])  # doctest: +SKIP
+    >>> result = train(cfg)  # doctest: +SKIP
+    >>> result.metrics["best_val_top1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from schane.config import Config, to_dict, validate
+from schane.distributed import DistInfo, barrier, init_distributed, shutdown
+from schane.engine.checkpoint import (
+    CheckpointManager,
+    evaluation_weights,
+    load_checkpoint,
+    remove_stale_temporaries,
+)
+from schane.engine.loop import StepInfo, TrainParts, train_one_epoch
+from schane.engine.utils import (
+    IndexedDataset,
+    MetricsLogger,
+    SeededTransformDataset,
+    Throughput,
+    epoch_batches,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    worker_init_fn,
+)
+from schane.pipelines.setup import (
+    config_diff,
+    dataset_splits,
+    eval_transform_for,
+    load_split,
+    prepare_run_dir,
+    train_transform_for,
+)
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced.
+
+    Attributes:
+        run_dir: the run directory (``config.yaml``, ``metrics.jsonl``, checkpoints, ``final.json``).
+        best_checkpoint: ``best.pt`` (best validation top-1), or ``None`` without a validation split.
+        last_checkpoint: ``last.pt`` (end of training; what ``--resume`` continues from).
+        metrics: the contents of ``final.json``.
+    """
+
+    run_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    metrics: dict[str, Any]
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """``optim.lr`` scaled by ``effective_batch / optim.base_batch_size`` (unscaled when that is null)."""
+    eff = cfg.data.batch_size * cfg.optim.accum_steps * world_size
+    if cfg.optim.base_batch_size is None:
+        return cfg.optim.lr
+    return cfg.optim.lr * eff / cfg.optim.base_batch_size
+
+
+def train(cfg: Config, resume: str | None = None, *, callback: StepCallback | None = None) -> TrainResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.loss``; evaluate, checkpoint, log.
+
+    Launch under ``torchrun`` for DDP: the process group is initialised from the environment (gloo on CPU,
+    NCCL on CUDA), each rank trains on its shard of a ``DistributedSampler`` (``drop_last``) and only rank 0
+    logs and writes files.
+
+    Args:
+        cfg: the run configuration (validated again here).
+        resume: a checkpoint to continue from, ``"auto"`` for ``run_dir/last.pt`` (a fresh start when it does
+            not exist yet), or ``None`` for a fresh run. Resuming a finished run changes nothing and returns it.
+        callback: called on every rank after each optimizer step with a dict holding ``epoch``,
+            ``global_step``, ``batch_in_epoch``, ``loss`` and ``checkpoint`` (path written at this step or ``None``).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: on an invalid config, a run directory that already holds a run (without ``resume``), an
+            unusable output path, a corrupt checkpoint or a too-small dataset.
+        FileNotFoundError: when the data or the resume checkpoint is missing.
+    """
+    validate(cfg)
+    info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume, callback, info)
+    finally:
+        shutdown(info)
+
+
+def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        p = run_dir / "last.pt"
+        return p if p.exists() else None
+    p = Path(resume)
+    if not p.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint; pass an existing .pt file or 'auto'")
+    return p
+
+
+def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info: DistInfo) -> TrainResult:
+    run_dir = cfg.run_dir
+    prepare_run_dir(run_dir, create=info.is_main)
+    resume_path = _resolve_resume(resume, run_dir)
+    if resume_path is None and (run_dir / "last.pt").exists():
+        raise ValueError(
+            f"run directory {run_dir} already holds a run (last.pt); continue it with --resume auto, "
+            "or pick another name (--set name=NEW) or output_dir"
+        )
+    if resume == "auto" and resume_path is None and info.is_main:
+        logger.info("--resume auto: no %s yet, starting a fresh run", run_dir / "last.pt")
+    state = load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None and _finished(state, cfg) and (run_dir / "final.json").is_file():
+        if info.is_main:
+            logger.info("%s: the run is finished (epoch %d of %d); nothing to resume, reusing it",
+                        run_dir, int(state["epoch"]), cfg.optim.epochs)
+        return _result(run_dir, json.loads((run_dir / "final.json").read_text()))
+    if info.is_main:
+        remove_stale_temporaries(run_dir)
+    run = _setup(cfg, info)
+    start = _start(cfg, run, state, resume_path, info)
+    log = _open_log(cfg, run, info, fresh=state is None)
+    tp, t_loop = Throughput(), time.perf_counter()
+    last_val = _fit(cfg, run, start, log, callback, tp)
+    final = {
+        "loss": cfg.loss.name,
+        "epochs": cfg.optim.epochs,
+        "global_step": run.global_step,
+        "best_epoch": run.manager.best_epoch,
+        "best_val_top1": run.manager.best_metric,
+        "last_val": last_val,
+        "train_images_per_s": tp.value,
+        # wall time of this process's training loop (evaluation included; after a resume, the resumed part)
+        "train_seconds": time.perf_counter() - t_loop,
+        "test": None,
+    }
+    if info.is_main:
+        _final_test(cfg, run, final)
+        (run_dir / "final.json").write_text(json.dumps(final, indent=2))
+        log.log({"kind": "final", **{k: v for k, v in final.items() if not isinstance(v, dict)},
+                 **({f"test_{k}": v for k, v in final["test"].items()} if final["test"] else {})})
+        log.close()
+        _summary(cfg, run, final)
+    barrier(info)
+    return _result(run_dir, final)
+
+
+def _finished(state: dict[str, Any], cfg: Config) -> bool:
+    return int(state["epoch"]) >= cfg.optim.epochs and int(state["batch_in_epoch"]) == 0
+
+
+def _result(run_dir: Path, final: dict[str, Any]) -> TrainResult:
+    best = run_dir / "best.pt"
+    return TrainResult(run_dir=run_dir, best_checkpoint=best if best.exists() else None,
+                       last_checkpoint=run_dir / "last.pt", metrics=final)
+
+
+@dataclass
+class _Run:
+    """What :func:`_setup` builds for a run."""
+
+    parts: TrainParts
+    manager: CheckpointManager
+    train_ds: SeededTransformDataset
+    val_ds: IndexedDataset | None
+    test_ds: IndexedDataset | None
+    n_batches: int
+    steps_per_epoch: int
+    peak_lr: float
+    global_step: int = 0
+
+
+def _load_splits(cfg: Config, info: DistInfo) -> tuple[Any, Any, Any]:
+    """``train`` (rank 0 first, so it downloads/caches alone), then ``val`` and ``test`` when used."""
+    train_base = load_split(cfg, "train") if info.is_main else None
+    barrier(info)
+    if not info.is_main:
+        train_base = load_split(cfg, "train")
+    splits = dataset_splits(cfg)
+    val = load_split(cfg, "val") if cfg.data.val_fraction > 0 and "val" in splits else None
+    # the test split is read now, so that a missing test file stops the run before training, not after
+    test = load_split(cfg, "test") if cfg.train.test_at_end and "test" in splits and info.is_main else None
+    return train_base, val, test
+
+
+def _setup(cfg: Config, info: DistInfo) -> _Run:
+    from schane.data.transforms import TwoViews
+    from schane.engine.criterion import build_criterion
+    from schane.engine.ema import ModelEMA
+    from schane.engine.optim import build_optimizer, build_scheduler
+    from schane.memory import EmbeddingQueue
+    from schane.models import build_model
+
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    train_base, val_base, test_base = _load_splits(cfg, info)
+    num_classes = len(train_base.classes)
+    if num_classes < 2:
+        raise ValueError(f"dataset {cfg.data.name!r} has {num_classes} class(es) in its train split; need >= 2")
+    model = build_model(cfg.model, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_ds = SeededTransformDataset(train_base, TwoViews(train_transform_for(cfg, model)), cfg.train.seed)
+    eval_tf = eval_transform_for(cfg, model)
+    val_ds = IndexedDataset(val_base, eval_tf) if val_base is not None and len(val_base) > 0 else None
+    test_ds = IndexedDataset(test_base, eval_tf) if test_base is not None else None
+    nb = len(train_base) // (cfg.data.batch_size * info.world_size)
+    if nb < 1:  # raises the explanatory error
+        epoch_batches(len(train_base), cfg.data.batch_size, epoch=0, seed=cfg.train.seed, world_size=info.world_size)
+    accum = cfg.optim.accum_steps
+    if cfg.train.max_steps_per_epoch is not None:
+        nb = min(nb, cfg.train.max_steps_per_epoch * accum)
+    steps_per_epoch = math.ceil(nb / accum)
+    lr = peak_lr(cfg, info.world_size)
+    if cfg.optim.min_lr > lr:
+        raise ValueError(f"optim.min_lr ({cfg.optim.min_lr:g}) is above the peak learning rate {lr:g} "
+                         f"(optim.lr scaled to the effective batch); lower optim.min_lr")
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+    criterion = build_criterion(cfg.loss, gather_distributed=bool(cfg.loss.gather_distributed and info.distributed))
+    queue = None
+    if criterion.contrastive is not None and cfg.loss.queue_size > 0 and cfg.loss.lam > 0:
+        queue = EmbeddingQueue(cfg.loss.queue_size, cfg.model.proj_dim)
+    wrapped = model
+    if info.distributed:
+        unused = criterion.contrastive is None or cfg.loss.lam in (0.0, 1.0)
+        wrapped = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
+    parts = TrainParts(wrapped, model, optimizer, scheduler, scaler, criterion, device, amp_dtype, info, ema, queue,
+                       accum, cfg.optim.clip_grad, cfg.train.channels_last)
+    manager = CheckpointManager(cfg.run_dir, parts, to_dict(cfg), train_base.classes, cfg.train.ckpt_every_steps)
+    return _Run(parts, manager, train_ds, val_ds, test_ds, nb, steps_per_epoch, lr)
+
+
+def _start(cfg: Config, run: _Run, state: dict[str, Any] | None, path: Path | None, info: DistInfo) -> tuple[int, int]:
+    """Restore a checkpoint (or seed a fresh run's ranks); return ``(epoch, batch_in_epoch)`` to start at."""
+    if state is None:
+        if info.distributed:
+            torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout/drop-path per rank
+        return 0, 0
+    diff = config_diff(state["config"], to_dict(cfg))
+    if diff and info.is_main:
+        logger.warning("resuming %s with a changed config: %s", path, "; ".join(diff))
+    epoch, batch, run.global_step = run.manager.restore(state)
+    if info.is_main:
+        logger.info("resumed from %s: epoch %d, batch %d, step %d", path, epoch, batch, run.global_step)
+    return epoch, batch
+
+
+def _open_log(cfg: Config, run: _Run, info: DistInfo, *, fresh: bool) -> MetricsLogger | None:
+    if not info.is_main:
+        return None
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    from schane.config import save_config
+
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    log = MetricsLogger(cfg.run_dir, cfg.train.tensorboard)
+    if fresh:
+        p = run.parts
+        log.log({
+            "kind": "start", "world_size": info.world_size, "device": str(p.device),
+            "amp": str(p.amp_dtype).replace("torch.", "") if p.amp_dtype else "fp32", "peak_lr": run.peak_lr,
+            "effective_batch": cfg.data.batch_size * p.accum_steps * info.world_size,
+            "steps_per_epoch": run.steps_per_epoch, "num_classes": len(run.manager.class_names),
+            "train_images": len(run.train_ds), "val_images": len(run.val_ds) if run.val_ds is not None else 0,
+        })
+        logger.info("training %s: %d images of %d classes, %d epochs of %d steps, peak lr %.3g, run dir %s",
+                    cfg.name, len(run.train_ds), len(run.manager.class_names), cfg.optim.epochs,
+                    run.steps_per_epoch, run.peak_lr, cfg.run_dir)
+    return log
+
+
+def _fit(cfg: Config, run: _Run, start: tuple[int, int], log: MetricsLogger | None,
+         callback: StepCallback | None, tp: Throughput) -> dict[str, Any] | None:
+    """Every remaining epoch: train, validate, checkpoint. Returns the last validation's summary."""
+    p, info = run.parts, run.parts.info
+    start_epoch, start_batch = start
+    epochs, last_val = cfg.optim.epochs, None
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        run.train_ds.epoch = epoch
+        batches = epoch_batches(len(run.train_ds), cfg.data.batch_size, epoch=epoch, seed=cfg.train.seed,
+                                rank=info.rank, world_size=info.world_size)[: run.n_batches]
+        first = start_batch if epoch == start_epoch else 0
+        loader = DataLoader(
+            run.train_ds, batch_sampler=batches[first:], num_workers=cfg.data.num_workers,
+            worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + epoch),
+            pin_memory=p.device.type == "cuda",
+        )
+        on_step = _step_hook(cfg, run, log, callback)
+        stats, run.global_step = train_one_epoch(
+            p, loader, epoch=epoch, n_batches=run.n_batches, first_batch=first, global_step=run.global_step,
+            batch_size=cfg.data.batch_size, on_step=on_step, throughput=tp,
+            progress=cfg.train.progress and info.is_main, desc=f"epoch {epoch + 1}/{epochs}",
+        )
+        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": run.global_step, **stats.record(),
+                                  "images_per_s": tp.value}
+        metric = None
+        if run.val_ds is not None and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs) and info.is_main:
+            metric = _validate(cfg, run, record)
+            last_val = {"top1": metric, **({"ema": True} if p.ema is not None else {})}
+        run.manager.end_epoch(epoch, metric, run.global_step)
+        if info.is_main:
+            if metric is not None:
+                record["best_val_top1"] = run.manager.best_metric
+            log.log(record, step=run.global_step)
+            _epoch_line(cfg, epoch, record, time.perf_counter() - t0)
+        barrier(info)
+    return last_val
+
+
+def _validate(cfg: Config, run: _Run, record: dict[str, Any]) -> float:
+    from schane.engine.evaluate import validate
+
+    p = run.parts
+    vals, metric = validate(
+        p.raw_model, run.val_ds, ema_model=p.ema.module if p.ema is not None else None, batch_size=cfg.data.eval_batch_size,
+        device=p.device, amp_dtype=p.amp_dtype, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
+    )
+    record.update(vals)
+    p.model.train()
+    return metric
+
+
+def _step_hook(cfg: Config, run: _Run, log: MetricsLogger | None, callback: StepCallback | None) -> Callable[[StepInfo], None]:
+    def on_step(s: StepInfo) -> None:
+        if log is not None and s.global_step % cfg.train.log_every_steps == 0:
+            log.log({"kind": "train_step", "epoch": s.epoch, "step": s.global_step, "loss": s.loss, "ce": s.ce,
+                     "contrastive": s.contrastive, "lr": s.lr, "images_per_s": s.images_per_s}, step=s.global_step)
+        path = run.manager.maybe_save_mid_epoch(epoch=s.epoch, batch_in_epoch=s.batch_in_epoch,
+                                                n_batches=run.n_batches, global_step=s.global_step)
+        if callback is not None:
+            callback({"epoch": s.epoch, "global_step": s.global_step, "batch_in_epoch": s.batch_in_epoch,
+                      "loss": s.loss, "checkpoint": path})
+
+    return on_step
+
+
+def _epoch_line(cfg: Config, epoch: int, record: dict[str, Any], seconds: float) -> None:
+    if not cfg.train.progress:
+        return
+    parts = [f"epoch {epoch + 1}/{cfg.optim.epochs}"]
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.3f}, acc {100 * record['train_acc']:.1f}%")
+    if "val_top1" in record:
+        key = "val_ema_top1" if "val_ema_top1" in record else "val_top1"
+        parts.append(f"val top-1 {100 * record[key]:.2f}% (best {100 * record['best_val_top1']:.2f}%)")
+    parts.append(f"{record['images_per_s']:.0f} img/s, {seconds:.0f} s")
+    logger.info(" | ".join(parts))
+
+
+def _final_test(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
+    """Evaluate the selected weights (``best.pt``'s, else the last) on the test split, once."""
+    if run.test_ds is None:
+        return
+    from schane.engine.evaluate import evaluate
+
+    p = run.parts
+    eval_model = copy.deepcopy(p.ema.module if p.ema is not None else p.raw_model)
+    if run.manager.best_path.exists():
+        best = load_checkpoint(run.manager.best_path)
+        eval_model.load_state_dict(evaluation_weights(best))
+        final["test_weights"] = f"best.pt (epoch {best['best_epoch']})"
+    else:
+        final["test_weights"] = "last"
+    final["test"] = evaluate(eval_model, run.test_ds, batch_size=cfg.data.eval_batch_size, device=p.device,
+                             amp_dtype=p.amp_dtype, num_workers=cfg.data.num_workers, progress=cfg.train.progress)
+
+
+def _summary(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
+    if not cfg.train.progress:
+        return
+    best, epoch = run.manager.best_metric, run.manager.best_epoch
+    msg = "done: " + (f"best val top-1 {100 * best:.2f}% (epoch {epoch + 1})" if best is not None else "no val split")
+    if final["test"]:
+        msg += f", test top-1 {100 * final['test']['top1']:.2f}%"
+    logger.info("%s; %.0f s; run dir %s", msg, final["train_seconds"], cfg.run_dir)
+
+
+__all__ = ["TrainResult", "peak_lr", "train"]

@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFont
+from PIL import ImageFont
 from tqdm import tqdm
 
-from .base import ImageDataset, fewshot_split
+from .base import ArrayLoader, ImageDataset, fewshot_split
 from .registry import register_dataset
 
 GLYPH_FONTS = (
@@ -499,10 +499,6 @@ def build_glyphs(
         "val": order[n_train_classes : n_train_classes + n_val_classes],
         "test": order[n_train_classes + n_val_classes : total],
     }
-    images = gs.images
-
-    def loader(i: int) -> Image.Image:
-        return Image.fromarray(images[i]).convert("RGB")
-
+    loader = ArrayLoader(gs.images)  # grayscale [N, H, W] -> RGB
     pooled = ImageDataset(range(len(gs.labels)), gs.labels.tolist(), names, loader, transform, "glyphs")
     return fewshot_split(pooled, lists, split, val_fraction, seed, "the rendered glyph set")

@@ -197,13 +197,13 @@ def _mini_pooled(root: Path, part: str, names: list[str], transform: Any) -> Ima
     cat = root / f"miniImageNet_category_split_{cat_file}.pickle"
     if cat.is_file():
         return _mini_category_split(cat, transform)
-    kind, rows = _mini_csv(root, part)  # root's own CSV, else the bundled Ravi CSV
-    if kind == "easyfsl" or (root / "images").is_dir():
-        return _mini_from_rows(root, part, names, transform, kind, rows)
+    own_csv = (root / f"{part}.csv").is_file()
+    if (own_csv and _mini_csv(root, part)[0] == "easyfsl") or (root / "images").is_dir():
+        return _mini_from_rows(root, part, names, transform, *_mini_csv(root, part))
     if (root / part).is_dir():
         return class_folders_dataset("mini_imagenet", root / part, names, transform)
     if any((root / c).is_dir() for c in names):
-        return _mini_ilsvrc_index(root, part, names, transform, rows)
+        return _mini_ilsvrc_index(root, part, names, transform, _mini_csv(root, part)[1])
     tried = [
         " or ".join(caches),
         cat.name,

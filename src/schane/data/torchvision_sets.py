@@ -150,6 +150,7 @@ def build_flowers102(
         path = Path(root or ".").expanduser()
         if _find_base(path, "flowers-102", needed) is None:
             Flowers102(str(path), split="train", download=True)
+        root = path
     path = require_root("flowers102", root, FLOWERS_LAYOUT)
     base = _find_base(path, "flowers-102", needed)
     if base is None:
@@ -206,6 +207,7 @@ def build_oxford_pets(
         path = Path(root or ".").expanduser()
         if _find_base(path, "oxford-iiit-pet", needed) is None:
             OxfordIIITPet(str(path), download=True)
+        root = path
     path = require_root("oxford_pets", root, PETS_LAYOUT)
     base = _find_base(path, "oxford-iiit-pet", needed)
     if base is None:
@@ -284,6 +286,7 @@ def build_places365(
 
         path = Path(root or ".").expanduser()
         Places365(str(path), "val" if split == "test" else "train-standard", small=small is not False, download=True)
+        root = path
     path = require_root("places365", root, PLACES_LAYOUT)
     cats = require_file("places365", path / "categories_places365.txt", PLACES_LAYOUT)
     list_file = "places365_val.txt" if split == "test" else "places365_train_standard.txt"

@@ -90,3 +90,26 @@ def test_fewshot_splits_default_and_larger(cache_dir, glyph_set):
     with pytest.raises(ValueError, match="n_val_classes"):
         get_dataset("glyphs", n_val_classes=0, **kw)
     assert len(GLYPH_FONTS) == 16
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_cache_is_rendered_again(cache_dir, glyph_set, caplog, damage):
+    """A cache file cut short (BadZipFile) or with a damaged member (bad CRC) is re-rendered, not fatal."""
+    glyphs_mod._MEMO.clear()
+    before = set(cache_dir.glob("glyphs-v1-*.npz"))
+    first = render_glyph_set(8, 2, seed=3, cache_dir=cache_dir, progress=False)
+    (path,) = set(cache_dir.glob("glyphs-v1-*.npz")) - before
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+    glyphs_mod._MEMO.clear()
+    with caplog.at_level("WARNING", logger="schane.data.glyphs"):
+        again = render_glyph_set(8, 2, seed=3, cache_dir=cache_dir, progress=False)
+    assert "damaged" in caplog.text and path.name in caplog.text
+    np.testing.assert_array_equal(again.images, first.images)
+    with np.load(path) as z:  # rewritten whole
+        np.testing.assert_array_equal(z["images"], first.images)
+    path.unlink()

@@ -8,14 +8,17 @@ Examples:
 
 from .base import CorruptImageError, ImageDataset, holdout_indices
 from .registry import DatasetInfo, dataset_info, get_dataset, list_datasets, register_dataset
+from .safe_pickle import UnsafePickleError, load_pickle
 
 __all__ = [
     "CorruptImageError",
     "DatasetInfo",
     "ImageDataset",
+    "UnsafePickleError",
     "dataset_info",
     "get_dataset",
     "holdout_indices",
     "list_datasets",
+    "load_pickle",
     "register_dataset",
 ]

@@ -30,8 +30,32 @@ class CorruptImageError(ValueError):
     """An image file (or encoded image) could not be decoded."""
 
 
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded PIL image to 8-bit RGB, rescaling 16-bit samples.
+
+    PIL's ``convert("RGB")`` clips 16-bit grayscale (modes ``I;16*`` and ``I``, as 16-bit PNGs and
+    TIFFs open) at 255, which turns almost every pixel white. Those modes are mapped from
+    ``0..65535`` to ``0..255`` by ``round(value / 257)`` instead (so 65535 -> 255, 32896 -> 128).
+    16-bit RGB(A) PNGs already open as 8-bit RGB(A) in PIL; every other mode goes through
+    ``convert("RGB")``.
+
+    Args:
+        img: A decoded image in any PIL mode.
+
+    Returns:
+        The image in RGB mode.
+    """
+    if img.mode in _WIDE_INT_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as PIL RGB.
+    """Open an image file as PIL RGB (16-bit images are rescaled, see :func:`to_rgb`).
 
     Args:
         path: Image file.
@@ -45,7 +69,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"image file {path} does not exist; check the dataset root and its layout"
@@ -64,17 +88,45 @@ def decode_image_bytes(data: bytes, what: str) -> Image.Image:
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"cannot decode {what} ({err}); the file is corrupt: re-extract it") from err
 
 
-def array_to_image(arr: np.ndarray) -> Image.Image:
-    """Convert a uint8 array ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` to PIL RGB."""
+def array_to_image(arr: np.ndarray, bgr: bool = False) -> Image.Image:
+    """Convert a uint8 array ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` to PIL RGB.
+
+    Args:
+        arr: The image array.
+        bgr: The three channels are stored blue, green, red (OpenCV's order); they are reversed.
+
+    Returns:
+        The image in RGB mode.
+    """
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    elif bgr and arr.ndim == 3:
+        arr = np.ascontiguousarray(arr[:, :, ::-1])
     return Image.fromarray(arr.astype(np.uint8, copy=False)).convert("RGB")
+
+
+class ArrayLoader:
+    """Loader for in-memory images: ``loader(i)`` is image ``i`` of ``data`` as PIL RGB.
+
+    A class rather than a closure so that datasets stay picklable for DataLoader workers.
+
+    Args:
+        data: Images ``uint8 [N, H, W]``, ``[N, H, W, 1]`` or ``[N, H, W, 3]`` (anything indexable).
+        bgr: Channels are stored in OpenCV's blue-green-red order and are flipped to RGB.
+    """
+
+    def __init__(self, data: Any, bgr: bool = False) -> None:
+        self.data = data
+        self.bgr = bgr
+
+    def __call__(self, index: int) -> Image.Image:
+        return array_to_image(self.data[index], self.bgr)
 
 
 class ImageDataset(Dataset):
@@ -190,6 +242,48 @@ def require_file(name: str, path: Path, layout: str, hint: str = "") -> Path:
             f"dataset {name!r}: {path} not found.{extra} Set root=... (data.root) to the folder laid out as:\n{layout}"
         )
     return path
+
+
+def folder_listing(path: Path, limit: int = 20) -> str:
+    """The first ``limit`` entries of ``path`` (folders end with ``/``) for error messages."""
+    try:
+        entries = sorted(path.iterdir(), key=lambda p: p.name)
+    except OSError:
+        return "(cannot list the folder)"
+    if not entries:
+        return "(the folder is empty)"
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries[:limit]]
+    more = f", ... ({len(entries)} entries in all)" if len(entries) > limit else ""
+    return ", ".join(names) + more
+
+
+def layout_not_found(
+    name: str, root: Path, tried: Sequence[str], layout: str, part: str | None = None
+) -> FileNotFoundError:
+    """A FileNotFoundError listing what ``root`` holds, the layouts tried and the expected layout.
+
+    Args:
+        name: Dataset name.
+        root: The folder that was searched.
+        tried: One line per layout that was looked for.
+        layout: The dataset's full layout description.
+        part: The split part (``train``/``val``/``test``) that was looked for, if any.
+
+    Returns:
+        The error (for the caller to raise).
+    """
+    what = f" for the {part} part" if part else ""
+    lines = "\n".join(f"  {i}. {t}" for i, t in enumerate(tried, 1))
+    return FileNotFoundError(
+        f"dataset {name!r}: no known layout found under {root}{what}.\nFound: {folder_listing(root)}\n"
+        f"Layouts tried:\n{lines}\nSet root=... (data.root) to a folder laid out as:\n{layout}"
+    )
+
+
+def first_few(items: Sequence[Any], limit: int = 5) -> str:
+    """``a, b, c, ... (N in all)``: the first ``limit`` items of a list of offenders."""
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def check_classes_present(name: str, wanted: Sequence[str], available: Sequence[str], where: str) -> None:
@@ -358,3 +452,26 @@ def list_image_files(folder: Path) -> list[Path]:
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def class_folders_dataset(
+    name: str, folder: Path, names: Sequence[str], transform: Transform | None
+) -> ImageDataset:
+    """Images in ``folder/<class name>/*`` for the classes ``names`` (labels in the order of ``names``).
+
+    Raises:
+        ValueError: If a listed class has no folder under ``folder``.
+    """
+    present = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    check_classes_present(name, names, present, str(folder))
+    samples: list[Path] = []
+    targets: list[int] = []
+    for label, c in enumerate(names):
+        files = list_image_files(folder / c)
+        samples.extend(files)
+        targets.extend([label] * len(files))
+    return ImageDataset(samples, targets, names, load_image, transform, name)
+
+
+FEWSHOT_PART = {"train": "train", "val": "train", "val_classes": "val", "test_classes": "test"}
+"""The class list (part) each few-shot split draws from: base-class splits use ``train``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from .base import (
     check_classes_present,
     check_no_empty_class,
     classification_split,
+    first_few,
     holdout_indices,
     list_image_files,
     load_image,
@@ -30,9 +32,10 @@ Class names are the folder names (sorted) unless classes=[...] fixes them and th
 """
 
 CSV_LAYOUT = """
-root/train.csv     rows 'path,label' (optional header 'path,label'); paths relative to root or absolute;
-root/test.csv      label = class name or integer. test.csv is optional: without it a seeded
-                   test_fraction of each class becomes the test split.
+root/train.csv     rows 'path,label' (optional header 'path,label'; extra columns are ignored); paths
+root/test.csv      relative to the CSV's folder or absolute; label = class name or integer. test.csv is
+                   optional: without it a seeded test_fraction of each class becomes the test split.
+                   UTF-8 (a byte-order mark is fine); every image must exist and be listed once.
 (or pass train_csv=... / test_csv=... to name the files; root then defaults to the CSV's folder)
 """
 
@@ -119,20 +122,54 @@ def build_image_folder(
 
 
 def _read_csv(name: str, path: Path) -> list[tuple[Path, str]]:
+    """Rows ``(path, label)`` of a CSV: a UTF-8 byte-order mark and extra columns are fine.
+
+    Raises:
+        ValueError: On a short row, an empty label, a path listed twice, or no rows (the first few
+            offending lines are listed).
+    """
     rows: list[tuple[Path, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    short, empty, seen, dups = [], [], {}, []
+    with open(path, encoding="utf-8-sig", newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row or not "".join(row).strip():
                 continue
             if n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
                 continue
-            if len(row) < 2:
-                raise ValueError(f"{name}: {path}, line {n}: expected 'path,label', got {row!r}")
+            if len(row) < 2 or not row[0].strip():
+                short.append(f"line {n}: {row!r}")
+                continue
             p = Path(row[0].strip()).expanduser()
-            rows.append((p if p.is_absolute() else path.parent / p, row[1].strip()))
+            p = p if p.is_absolute() else path.parent / p
+            if not row[1].strip():
+                empty.append(f"line {n} ({row[0].strip()})")
+            key = os.path.abspath(p)
+            if key in seen:
+                dups.append(f"line {n} repeats line {seen[key]} ({row[0].strip()})")
+            seen.setdefault(key, n)
+            rows.append((p, row[1].strip()))
+    if short:
+        raise ValueError(f"{name}: {path}: {len(short)} row(s) are not 'path,label': {first_few(short)}")
+    if empty:
+        raise ValueError(f"{name}: {path}: {len(empty)} row(s) have an empty label: {first_few(empty)}")
+    if dups:
+        raise ValueError(
+            f"{name}: {path}: {len(dups)} image path(s) are listed more than once: {first_few(dups)}. "
+            "Remove the repeated rows (a repeated image can end up in both train and test)."
+        )
     if not rows:
         raise ValueError(f"{name}: {path} has no rows; expected lines 'path,label'")
     return rows
+
+
+def _check_csv_files(name: str, csv_file: Path, rows: list[tuple[Path, str]]) -> None:
+    """Raise FileNotFoundError listing the first few images of ``csv_file`` that do not exist."""
+    missing = [str(p) for p, _ in rows if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name}: {len(missing)} image(s) listed in {csv_file} do not exist: {first_few(missing)}. "
+            "Paths are relative to the CSV's folder unless absolute; fix or remove those rows."
+        )
 
 
 def _sort_labels(labels: set[str]) -> list[str]:
@@ -165,9 +202,13 @@ def build_csv(
 
         root/train.csv (+ optional root/test.csv), rows 'path,label', paths relative to the CSV's folder
 
+    Both CSVs are checked whichever split is asked for: a missing CSV or image, an empty label
+    or a path listed twice (within a file or in both files) is an error at load time.
+
     Raises:
-        FileNotFoundError: If a CSV is missing.
-        ValueError: On malformed rows, an empty class or ``classes`` not matching the labels.
+        FileNotFoundError: If a CSV or a listed image is missing (the first few are named).
+        ValueError: On malformed rows, empty labels, repeated paths, an empty class or ``classes``
+            not matching the labels.
     """
     if train_csv is None:
         path = require_root("csv", root, CSV_LAYOUT)
@@ -178,6 +219,15 @@ def build_csv(
         te_file = require_file("csv", Path(test_csv).expanduser(), CSV_LAYOUT) if test_csv else None
     tr_rows = _read_csv("csv", tr_file)
     te_rows = _read_csv("csv", te_file) if te_file else []
+    both = {os.path.abspath(p) for p, _ in tr_rows} & {os.path.abspath(p) for p, _ in te_rows}
+    if both:
+        raise ValueError(
+            f"csv: {len(both)} image(s) are listed in both {tr_file} and {te_file}: {first_few(sorted(both))}. "
+            "An image must not be in train and test."
+        )
+    _check_csv_files("csv", tr_file, tr_rows)
+    if te_file:
+        _check_csv_files("csv", te_file, te_rows)
     found = _sort_labels({lab for _, lab in tr_rows + te_rows})
     names = _resolve_classes("csv", found, classes, str(tr_file))
     pos = {c: i for i, c in enumerate(names)}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ImageDataset, array_to_image, classification_split
+from .base import ArrayLoader, ImageDataset, classification_split
 from .registry import register_dataset
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -130,7 +130,7 @@ def build_fashion_mnist(
         range(len(labels)),
         labels.tolist(),
         CLASSES,
-        lambda i: array_to_image(images[i]),
+        ArrayLoader(images),
         transform,
         "fashion_mnist",
     )

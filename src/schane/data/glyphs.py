@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import unicodedata
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,11 +47,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFont
+from PIL import ImageFont
 from tqdm import tqdm
 
-from .base import ImageDataset, fewshot_split
+from .base import ArrayLoader, ImageDataset, fewshot_split
 from .registry import register_dataset
+
+logger = logging.getLogger(__name__)
+
+# What np.load of a truncated or corrupt .npz raises: a cut zip directory gives BadZipFile, a cut or
+# corrupt member EOFError, zlib.error or ValueError, a missing member KeyError.
+_DAMAGED_NPZ = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 GLYPH_FONTS = (
     "DejaVuSans",
@@ -255,7 +264,7 @@ def _selection(
     if path.is_file():
         try:
             return {int(k): list(v) for k, v in json.loads(path.read_text())["classes"].items()}, {}
-        except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError):
             pass  # a damaged cache file is recomputed
     classes, bases = _select_classes(min_fonts, progress)
     _atomic_write(path, lambda f: f.write(json.dumps({"key": key, "classes": classes}).encode()))
@@ -400,8 +409,8 @@ def render_glyph_set(
                 gs = GlyphSet(z["images"], z["labels"], z["fonts"], z["codepoints"], GLYPH_FONTS)
             _MEMO[str(path)] = gs
             return gs
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is re-rendered
+        except _DAMAGED_NPZ as err:  # a damaged cache file (e.g. cut short) is re-rendered
+            logger.warning("glyphs: cache %s is damaged (%s: %s); rendering it again", path, type(err).__name__, err)
     cps = sorted(classes)
     images, fonts = _render_classes(
         classes,
@@ -499,10 +508,6 @@ def build_glyphs(
         "val": order[n_train_classes : n_train_classes + n_val_classes],
         "test": order[n_train_classes + n_val_classes : total],
     }
-    images = gs.images
-
-    def loader(i: int) -> Image.Image:
-        return Image.fromarray(images[i]).convert("RGB")
-
+    loader = ArrayLoader(gs.images)  # grayscale [N, H, W] -> RGB
     pooled = ImageDataset(range(len(gs.labels)), gs.labels.tolist(), names, loader, transform, "glyphs")
     return fewshot_split(pooled, lists, split, val_fraction, seed, "the rendered glyph set")

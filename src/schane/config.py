@@ -45,7 +45,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset and loader. ``options`` holds dataset-specific keyword arguments."""
+    """Dataset and loader. ``options`` holds dataset-specific keyword arguments.
+
+    Preprocessing (resolved by :func:`schane.data.transforms.resolve_preprocessing`): ``mean`` /
+    ``std`` (3 values each) and ``crop_pct`` override the backbone's pretrained values when set
+    (``None``: the backbone's). ``eval_resize`` is ``"crop"`` (resize the short side to
+    ``img_size / crop_pct``, centre-crop) or ``"squash"`` (resize straight to ``img_size`` x
+    ``img_size``, as the SCHaNe release does).
+    """
 
     name: str = "glyphs"
     root: str | None = None
@@ -56,6 +63,10 @@ class DataConfig:
     val_fraction: float = 0.1
     download: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    crop_pct: float | None = None
+    eval_resize: str = "crop"
 
 
 @dataclass
@@ -428,6 +439,15 @@ def validate(cfg: Config) -> None:
     need(cfg.data.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    # preprocessing overrides (None: the backbone's pretrained values)
+    need(cfg.data.mean is None or len(cfg.data.mean) == 3, "data.mean", "must be 3 values (R, G, B) or null")
+    need(
+        cfg.data.std is None or (len(cfg.data.std) == 3 and all(v > 0 for v in cfg.data.std)),
+        "data.std",
+        "must be 3 values > 0 (R, G, B) or null",
+    )
+    need(cfg.data.crop_pct is None or 0.0 < cfg.data.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1] or null")
+    need(cfg.data.eval_resize in ("crop", "squash"), "data.eval_resize", "must be 'crop' or 'squash'")
     need(0.0 < cfg.aug.scale_min <= 1.0, "aug.scale_min", "must be in (0, 1]")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.optim.min_lr >= 0, "optim.min_lr", "must be >= 0")

@@ -1,10 +1,12 @@
-"""The paper's experiment configs (configs/paper/*.yaml): they validate, hold the released recipe,
-cover every benchmark once, and each trains one step with a tiny BEiT-3 on fixture data in the
-dataset's real on-disk layout."""
+"""The paper's experiment configs (configs/paper/*.yaml): they validate, hold the released recipe and
+preprocessing, cover every benchmark once, and each trains one step with a tiny BEiT-3 loaded through
+``model.checkpoint`` from a tiny replica of the official pretraining file (built from torchscale in
+test_models_beit3.py, sources named there) on fixture data in the dataset's real on-disk layout."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -23,11 +25,14 @@ from fixtures import (
     write_places365,
     write_tiered_imagenet_png,
 )
-from schane.config import load_config
+from schane.config import ModelConfig, load_config
 from schane.data import dataset_info, get_dataset, list_datasets
+from schane.data.transforms import resolve_preprocessing
 from schane.engine.utils import read_metrics
+from schane.models import build_model
 from schane.models.backbones import BEIT3_CONFIGS
 from schane.pipelines.train import peak_lr, train
+from test_models_beit3 import write_pretraining_replica
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
 FEWSHOT = ("cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet")
@@ -36,6 +41,9 @@ CLASSIFICATION = (
 )  # fmt: skip
 BENCHMARKS = FEWSHOT + CLASSIFICATION
 CONFIGS = sorted(PAPER_DIR.glob("*.yaml"))
+CIFAR_IMAGES = ("cifar100", "cifar_fs", "fc100")  # CIFAR-100's images
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,13 +84,38 @@ def test_config_holds_released_recipe(path):
     assert math.isclose(peak_lr(cfg, world_size=1), 7e-4 * cfg.data.batch_size / 1024)
     if bench in FEWSHOT:
         assert cfg.fewshot.ways == 5 and sorted(cfg.fewshot.shots) == [1, 5]
+    # preprocessing: the release's plain resize for evaluation, its CIFAR-100 statistics on CIFAR images
+    assert cfg.data.eval_resize == "squash" and cfg.data.crop_pct is None
+    if bench in CIFAR_IMAGES:
+        assert (tuple(cfg.data.mean), tuple(cfg.data.std)) == (CIFAR100_MEAN, CIFAR100_STD)
+    else:
+        assert cfg.data.mean is None and cfg.data.std is None
+    text = path.read_text()
+    assert "# Preprocessing" in text and "SCHaNe release" in text  # the file names the reference it follows
     # the documented command line works on the file
     over = load_config(path, ["data.root=/data", "model.checkpoint=/w/beit3_base_patch16_224.pth"])
     assert over.data.root == "/data" and over.model.checkpoint == "/w/beit3_base_patch16_224.pth"
 
 
+@pytest.fixture(scope="module")
+def beit3_data_config():
+    """``model.data_config`` of a BEiT-3 backbone (the official ImageNet fine-tuning values)."""
+    return build_model(ModelConfig(backbone="beit3_tiny", pretrained=False), num_classes=2).data_config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_preprocessing_resolves(path, beit3_data_config):
+    pre = resolve_preprocessing(load_config(path).data, beit3_data_config)
+    assert pre.eval_resize == "squash" and pre.interpolation == "bicubic"
+    expected = (CIFAR100_MEAN, CIFAR100_STD) if path.stem in CIFAR_IMAGES else (IMAGENET_MEAN, IMAGENET_STD)
+    assert (pre.mean, pre.std) == expected
+    steps = [type(t).__name__ for t in pre.eval_transform(224).transforms]
+    assert steps == ["Resize", "ToTensor", "Normalize"]  # no centre crop
+    assert pre.eval_transform(224).transforms[0].size == (224, 224)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# one training step per config on fixture data
+# one training step per config on fixture data, from the pretraining file's replica
 
 
 def _write(name: str, root: Path) -> Path:
@@ -131,23 +164,38 @@ def data_root(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def pretraining_replica(tmp_path_factory):
+    """A tiny ``beit3_base_patch16_224.pth``: ``{'model': {beit3.*, mlm_head.*, mim_head.*}, 'epoch', 'args'}``."""
+    path = tmp_path_factory.mktemp("weights") / "beit3_base_patch16_224.pth"
+    write_pretraining_replica(path)
+    return path
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_trains_one_step(path, data_root, tmp_path):
+def test_config_trains_one_step(path, data_root, pretraining_replica, tmp_path, caplog):
     name = load_config(path).data.name
     root = data_root(name)
     cfg = load_config(
         path,
         [
             f"data.root={root}", "data.img_size=32", "data.batch_size=4", "data.eval_batch_size=64",
-            "data.num_workers=0", "model.backbone=beit3_tiny", "model.pretrained=false", "model.checkpoint=null",
+            "data.num_workers=0", "model.backbone=beit3_tiny", f"model.checkpoint={pretraining_replica}",
             "optim.epochs=1", "optim.warmup_epochs=0", "train.max_steps_per_epoch=1", "train.progress=false",
             "train.log_every_steps=1", "train.device=cpu", f"output_dir={tmp_path}",
         ],
     )  # fmt: skip
+    assert cfg.model.pretrained is False and cfg.model.checkpoint == str(pretraining_replica)
     # the fixture has every split the run reads
     assert len(get_dataset(name, str(root), "train", val_fraction=cfg.data.val_fraction)) >= 4
     steps: list[dict] = []
-    result = train(cfg, callback=steps.append)
+    with caplog.at_level(logging.INFO, logger="schane.models"):
+        result = train(cfg, callback=steps.append)
+    # the backbone was loaded from the replica, its pretraining heads ignored
+    loads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    expected = f"loaded 45 tensors from {pretraining_replica}; missing=0 unexpected=0 ignored=50"
+    assert loads and set(loads) == {expected}
+    assert any("pretraining head (masked image modelling)" in r.getMessage() for r in caplog.records)
 
     assert [s["global_step"] for s in steps] == [1]
     assert math.isfinite(steps[0]["loss"])

@@ -1,11 +1,16 @@
-"""Weight sources: local .safetensors/.pth files (good and bad), containers, the hub when offline."""
+"""Weight sources: local files recognised by content (good, bad and malicious), containers, the hub offline."""
 
 from __future__ import annotations
 
+import argparse
+import pickle
 import time
 import warnings
+import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -132,15 +137,77 @@ def test_not_a_checkpoint(tmp_path, suffix):
         load_state_dict_file(bad)
 
 
-def test_empty_file_and_bad_suffix(tmp_path):
+# --------------------------------------------------------------------------- recognised by content, not name
+
+
+def _save(kind: str, obj, path: Path) -> Path:
+    """Write ``obj`` as torch.save's zip archive, its pre-1.6 legacy format, or safetensors."""
+    if kind == "zip":
+        torch.save(obj, path)
+    elif kind == "legacy":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    else:
+        save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+@pytest.mark.parametrize("name", ["w.zip", "w", "w.bin", "w.pth.tar", "w.safetensors", "w.pth"])
+def test_any_name_loads_by_content(tmp_path, kind, name):
+    """Azure downloads of the BEiT-3 files arrive named .zip (microsoft/unilm issues #1202, #1278, #1361):
+    the content is a normal torch.save archive, and the name says nothing."""
+    src = _source_model().state_dict()
+    path = _save(kind, src if kind == "safetensors" else {"model": src, "epoch": 2}, tmp_path / name)
+    model = build_model(ModelConfig(backbone=NAME, pretrained=False, checkpoint=str(path)), num_classes=3)
+    _assert_backbone_equals(model, _source_model())
+
+
+def test_training_args_namespace_loads_under_weights_only(tmp_path):
+    """``args`` (argparse.Namespace, as unilm beit3/utils.py save_model stores it) is the one extra type."""
+    args = argparse.Namespace(model="beit3_base_patch16_224", lr=1e-3, opt_betas=[0.9, 0.98], resume=None)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": _source_model().state_dict(), "epoch": 3, "args": args}, path)
+    assert set(load_state_dict_file(path)) == set(_source_model().state_dict())
+    # other objects stay refused, even harmless ones such as a Path inside the namespace
+    torch.save({"model": _source_model().state_dict(), "args": argparse.Namespace(out=Path("/x"))}, path)
+    with pytest.raises(ValueError, match=r"refused.*pickled Python objects.*PosixPath"):
+        load_state_dict_file(path)
+
+
+def test_empty_unrecognised_and_directory(tmp_path):
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         load_state_dict_file(empty)
     other = tmp_path / "w.npz"
     other.write_bytes(b"123")
-    with pytest.raises(ValueError, match="suffix"):
+    with pytest.raises(ValueError, match=r"not a recognised weights file.*b'123'.*torch.save.*safetensors"):
         load_state_dict_file(other)
+    page = tmp_path / "beit3_base_patch16_224.pth"
+    page.write_text('<?xml version="1.0"?><Error><Code>AuthenticationFailed</Code></Error>')
+    with pytest.raises(ValueError, match="HTML/XML page.*download link"):
+        load_state_dict_file(page)
+    npz = tmp_path / "arrays.npz"  # a zip archive, but not a checkpoint
+    np.savez(npz, w=np.zeros(3))
+    with pytest.raises(ValueError, match=r"zip archive but not a PyTorch checkpoint.*w\.npy"):
+        load_state_dict_file(npz)
+    unzipped = tmp_path / "beit3_base_patch16_224"  # what unzipping the .zip download gives
+    with zipfile.ZipFile(_save("zip", {"w": torch.zeros(2)}, tmp_path / "a.zip")) as zf:
+        zf.extractall(unzipped)
+    with pytest.raises(ValueError, match="directory.*unzipped PyTorch checkpoint.*downloaded file itself"):
+        load_state_dict_file(unzipped)
+
+
+def test_torchscript_archive_is_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, its archives still exist
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(ValueError, match="TorchScript archive"):
+        load_state_dict_file(path)
+
+
+# --------------------------------------------------------------------------- planted payloads
 
 
 class _Payload:
@@ -160,6 +227,25 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
     with pytest.raises(ValueError, match="weights_only=True"):
         load_state_dict_file(path)
     assert not marker.exists(), "the arbitrary object was unpickled"
+
+
+@pytest.mark.parametrize("name", ["evil.pth", "evil.zip", "evil", "evil.safetensors"])
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain-pickle"])
+def test_planted_payload_is_refused_as_such_whatever_the_name(tmp_path, kind, name):
+    """A payload in the BEiT-3 layout (next to a real state_dict, where ``args`` belongs) is reported as
+    refused (not as truncated or corrupt) and never runs, whatever the file is called."""
+    marker = tmp_path / "UNPICKLED"
+    obj = {"model": _source_model().state_dict(), "epoch": 1, "args": _Payload(str(marker))}
+    path = tmp_path / name
+    if kind == "plain-pickle":
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    else:
+        _save(kind, obj, path)
+    with pytest.raises(ValueError, match="refused") as info:
+        load_state_dict_file(path)
+    assert "truncated" not in str(info.value) and "corrupt" not in str(info.value)
+    assert not marker.exists(), "the planted object was unpickled"
 
 
 def test_container_without_tensors(tmp_path):

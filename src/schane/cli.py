@@ -1,4 +1,4 @@
-"""Command-line interface: ``schane train | eval | fewshot | analyze | compare | demo``.
+"""Command-line interface: ``schane train | eval | fewshot | analyze | compare | demo | inspect-weights``.
 
 The CLI only parses arguments and calls a workflow of :mod:`schane.pipelines`; results go to standard
 output, progress and log lines to standard error. A user-caused error (a bad config value, a missing file,
@@ -100,6 +100,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect_weights(args: argparse.Namespace) -> int:
+    from schane.config import load_config
+    from schane.models.inspection import inspect_weights
+
+    model = load_config(None, [f"model.backbone={args.backbone}", *args.overrides]).model
+    report = inspect_weights(args.path, model.backbone, **model.backbone_kwargs)
+    print(report.format())
+    report.check()  # a file that does not fit: ValueError -> one line on stderr, exit 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``schane`` argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -140,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the demo's)")
     _add_set(p, "overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("inspect-weights", help="show what a weights file holds and what a backbone would load from it")
+    p.add_argument("path", help="weights file (PyTorch checkpoint or safetensors, any name)")
+    p.add_argument("--backbone", required=True, help="model.backbone name, e.g. beit3_base_patch16_224")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="model overrides, e.g. model.backbone_kwargs.img_size=384")
+    p.set_defaults(func=_cmd_inspect_weights)
     return parser
 
 

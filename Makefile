@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo ablation test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/schane demo
+
+# CE, SupCon, SCHaNe with beta = 0 and SCHaNe (each + CE) on the demo's data, budget and seeds
+ablation: $(STAMP)
+	$(VENV)/bin/schane demo --ablation
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from schane.fewshot.episodes import sample_episodes
 from schane.fewshot import FeatureBank, evaluate_protocol_a
+from schane.fewshot.episodes import sample_episodes
 
 
 def synthetic_bank(n_classes: int = 20, per_class: int = 40, d: int = 1280, n_aug: int = 5) -> tuple[FeatureBank, list[int]]:

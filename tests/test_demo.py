@@ -24,18 +24,23 @@ def test_demo_config_paths_and_seeds(tmp_path):
         demo_config(tmp_path / "d", seeds=[])
 
 
-def test_demo_end_to_end_tiny(tmp_path):
-    from schane.cli import main
-
-    overrides = [
+def tiny(cache):
+    """Overrides that shrink the demo to seconds (tiny timm backbone, 6/5/5 glyph classes, few episodes)."""
+    return [
         "model.backbone=test_efficientnet", "model.pretrained=false", "model.proj_dim=16",
-        f"data.options={{cache_dir: {tmp_path / 'glyphs'}, n_train_classes: 6, n_val_classes: 5, "
+        f"data.options={{cache_dir: {cache}, n_train_classes: 6, n_val_classes: 5, "
         "n_test_classes: 5, samples_per_class: 6, progress: false}",
         "data.batch_size=8", "data.val_fraction=0.2", "optim.warmup_epochs=0", "optim.layer_decay=null",
         "train.max_steps_per_epoch=2", "train.progress=false", "train.device=cpu",
         "fewshot.ways=3", "fewshot.shots=[1,2]", "fewshot.queries=3", "fewshot.episodes=6",
         "fewshot.val_episodes=3", "fewshot.support_aug=1", "analysis.max_points=60",
     ]
+
+
+def test_demo_end_to_end_tiny(tmp_path, glyph_cache):
+    from schane.cli import main
+
+    overrides = [*tiny(glyph_cache), "optim.epochs=2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -55,3 +60,34 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert sorted((r["method"], r["seed"]) for r in fs["rows"] if r["seed"] is not None) == [
         ("ce", 0), ("ce", 1), ("schane", 0), ("schane", 1)]
     assert (out / "tsne.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
+    # what fine-tuning did to the base classes: last-epoch validation top-1 per method, paired across seeds
+    assert "base val top-1 (%)" in report and "base-class validation top-1" in report
+    base = fs["base_accuracy"]
+    assert [r["method"] for r in base["rows"]] == ["ce", "schane"] and len(base["rows"][0]["values"]) == 2
+    assert [(d["method"], d["baseline"]) for d in base["differences"]] == [("schane", "ce")]
+    for r in fs["rows"][1:]:
+        final = json.loads((tmp_path / "demo" / f"{r['method']}-seed{r['seed']}" / "final.json").read_text())
+        assert r["base_val"]["last"] == pytest.approx(100 * final["last_val"]["top1"])
+    assert "SCHaNe + CE − pretrained (no fine-tuning)" in report  # every difference is stated, whatever its sign
+
+
+def test_ablation_trains_four_methods_on_the_same_episodes(tmp_path, glyph_cache):
+    from schane.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--ablation", "--out", str(tmp_path / "abl"), "--seeds", "0", "--set", *tiny(glyph_cache)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    fs = json.loads((tmp_path / "abl" / "fewshot.json").read_text())
+    assert [r["method"] for r in fs["rows"]] == ["pretrained", "ce", "supcon", "schane_beta0", "schane"]
+    beta0 = json.loads((tmp_path / "abl" / "schane_beta0-seed0" / "final.json").read_text())
+    assert beta0["loss"] == "schane"
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "abl" / "schane_beta0-seed0" / "config.yaml").read_text())["loss"]["beta"] == 0.0
+    pairs = {(d["method"], d["baseline"]) for d in fs["differences"]}
+    assert {("schane", "schane_beta0"), ("schane_beta0", "supcon"), ("schane", "ce")} <= pairs
+    report = (tmp_path / "abl" / "report.md").read_text()
+    assert "| SCHaNe β=0 + CE |" in report and "| SupCon + CE |" in report

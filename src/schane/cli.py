@@ -94,7 +94,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from schane.pipelines.demo import run_demo
     from schane.pipelines.fewshot import format_table
 
-    report = run_demo(out_dir=args.out, seeds=args.seeds, overrides=args.overrides)
+    out = args.out or ("runs/ablation" if args.ablation else "runs/demo")
+    report = run_demo(out_dir=out, seeds=args.seeds, overrides=args.overrides, ablation=args.ablation)
     print(format_table(json.loads((report.parent / "fewshot.json").read_text())))
     print(f"\nreport: {report}")
     return 0
@@ -147,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="the offline demo: CE vs SCHaNe few-shot on glyphs with EfficientNet-Lite0")
-    p.add_argument("--out", default="runs/demo", help="report directory")
+    p.add_argument("--out", default=None, help="report directory (default: runs/demo, or runs/ablation)")
+    p.add_argument("--ablation", action="store_true",
+                   help="CE, SupCon, SCHaNe with beta=0 and SCHaNe (each + CE) on the demo's data, budget and seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the demo's)")
     _add_set(p, "overrides of the demo config")
     p.set_defaults(func=_cmd_demo)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from schane.engine.utils import model_device
+from schane.engine.utils import model_device, uses_channels_last
 from schane.progress import progress as _progress
 
 
@@ -28,6 +28,11 @@ def _as_loader(data: DataLoader | Dataset, batch_size: int, num_workers: int) ->
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
+def _input_format(model: nn.Module, channels_last: bool | None) -> torch.memory_format:
+    use = uses_channels_last(model) if channels_last is None else channels_last
+    return torch.channels_last if use else torch.contiguous_format
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -38,6 +43,7 @@ def evaluate(
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool = False,
+    channels_last: bool | None = None,
 ) -> dict[str, float]:
     """Top-1, top-5 accuracy and mean cross-entropy of ``model``'s logits.
 
@@ -51,6 +57,7 @@ def evaluate(
         batch_size: used only when ``loader`` is a ``Dataset``.
         num_workers: used only when ``loader`` is a ``Dataset``.
         progress: show a progress bar on a terminal.
+        channels_last: feed channels-last inputs; ``None``: when the model's convolutions are stored so.
 
     Returns:
         ``{"top1", "top5", "loss", "n"}``; top-5 is top-min(5, C). Accuracies are fractions in [0, 1].
@@ -60,6 +67,7 @@ def evaluate(
     """
     dl = _as_loader(loader, batch_size, num_workers)
     dev = torch.device(device) if device is not None else model_device(model)
+    fmt = _input_format(model, channels_last)
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -67,7 +75,7 @@ def evaluate(
     n = 0
     try:
         for x, y in _progress(dl, desc="eval", enabled=progress):
-            x, y = x.to(dev, non_blocking=True), torch.as_tensor(y).to(dev)
+            x, y = x.to(dev, non_blocking=True).contiguous(memory_format=fmt), torch.as_tensor(y).to(dev)
             if amp_dtype is not None:
                 with torch.autocast(device_type=dev.type, dtype=amp_dtype):
                     out = model(x)
@@ -102,6 +110,7 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    channels_last: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-projection features of every item of ``dataset``, in order.
 
@@ -112,6 +121,7 @@ def extract_features(
         device: where to run; defaults to the model's device.
         progress: show a progress bar on a terminal.
         num_workers: DataLoader workers.
+        channels_last: feed channels-last inputs; ``None``: when the model's convolutions are stored so.
 
     Returns:
         ``(features[N, d] float32 on CPU, labels[N] int64 on CPU)``.
@@ -124,12 +134,13 @@ def extract_features(
         raise ValueError("extract_features needs a model with forward_features (an SCHaNeModel)")
     dl = _as_loader(dataset, batch_size, num_workers)
     dev = torch.device(device) if device is not None else model_device(model)
+    fmt = _input_format(model, channels_last)
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
         for x, y in _progress(dl, desc="features", enabled=progress):
-            feats.append(model.forward_features(x.to(dev)).float().cpu())
+            feats.append(model.forward_features(x.to(dev).contiguous(memory_format=fmt)).float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
     finally:
         model.train(was_training)

@@ -213,6 +213,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def is_convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` is a convolutional network: more than a patch embedding's worth of spatial convolutions."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    return len(convs) >= 4
+
+
+def resolve_channels_last(setting: bool | str, model: nn.Module) -> bool:
+    """``train.channels_last``: ``"auto"`` is on for convolutional networks (:func:`is_convolutional`)."""
+    if setting == "auto":
+        return is_convolutional(model)
+    return bool(setting)
+
+
+def uses_channels_last(model: nn.Module) -> bool:
+    """Whether ``model``'s spatial convolution weights are stored channels-last (so inputs should be too)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.weight.shape[1] > 1:
+            return m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+    return False
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (CPU for a model without parameters)."""
     p = next(model.parameters(), None)

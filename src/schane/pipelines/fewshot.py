@@ -17,7 +17,6 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from schane.config import Config, to_dict
+from schane.config import Config, parse_method, to_dict
 from schane.fewshot.episodes import Episode, sample_episodes, save_episodes
 from schane.fewshot.stats import mean_ci, paired_difference, seed_summary
 from schane.pipelines.setup import (
@@ -41,6 +40,7 @@ from schane.pipelines.setup import (
     fewshot_views,
     load_split,
     prepare_run_dir,
+    with_overrides,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,15 +157,29 @@ class _Study:
         }
 
 
-def run_config(cfg: Config, loss: str, seed: int) -> Config:
-    """The base-class fine-tuning run of one (loss, seed) of a study: ``run_dir/<loss>-seed<seed>``."""
-    sub = copy.deepcopy(cfg)
-    sub.loss.name = loss
+def run_name(method: str, seed: int) -> str:
+    """The run directory name of one (method, seed) of a study, e.g. ``schane-seed0``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in method) + f"-seed{seed}"
+
+
+def run_config(cfg: Config, method: str, seed: int) -> Config:
+    """The base-class fine-tuning run of one (method, seed) of a study: ``run_dir/<method>-seed<seed>``.
+
+    ``method`` is a loss name or a compared method (``schane_beta0``, ``LOSS@key=value``): its overrides apply.
+    """
+    _, overrides = parse_method(method, "fewshot.losses")
+    sub = with_overrides(cfg, overrides)
     sub.train.seed = seed
     sub.train.test_at_end = False
     sub.output_dir = str(cfg.run_dir)
-    sub.name = f"{loss}-seed{seed}"
+    sub.name = run_name(method, seed)
     return sub
+
+
+def method_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """``(method, baseline)`` pairs: every method against each one listed before it (``ce`` first)."""
+    order = sorted(methods, key=lambda m: m != "ce")
+    return [(m, b) for j, m in enumerate(order) for b in order[:j]]
 
 
 def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
@@ -260,7 +274,18 @@ def _fine_tuned_row(study: _Study, loss: str, seed: int, train_fn: Callable[...,
     row = study.row(loss, seed, str(sub.run_dir), loaders, f"{loss} s{seed}")
     for s in row["selected"].values():
         s["checkpoint"] = str(dict(cands)[s["checkpoint"]])
+    row["base_val"] = _base_accuracy(result.metrics)
     return row
+
+
+def _base_accuracy(final: dict[str, Any]) -> dict[str, float | None]:
+    """Base-class validation top-1 (%) of a run: at its last epoch (``last``) and its best epoch (``best``).
+
+    The last epoch's is the unselected figure; the best epoch's was used to choose ``best.pt``.
+    """
+    last = (final.get("last_val") or {}).get("top1")
+    best = final.get("best_val_top1")
+    return {"last": None if last is None else 100.0 * last, "best": None if best is None else 100.0 * best}
 
 
 def _checkpoint_candidates(best: Path | None, last: Path) -> list[tuple[str, Path]]:
@@ -278,31 +303,24 @@ def _summarise(cfg: Config, rows: list[dict[str, Any]], files: dict[str, dict[st
     fs = cfg.fewshot
     shots = [str(s) for s in fs.shots]
     per = {(r["method"], r["seed"]): r for r in rows}
+    pairs = method_pairs(fs.losses) + ([(m, PRETRAINED) for m in fs.losses] if fs.include_pretrained else [])
     diffs: list[dict[str, Any]] = []
-    baselines = (["ce"] if "ce" in fs.losses else []) + ([PRETRAINED] if fs.include_pretrained else [])
-    for base in baselines:
-        for loss in fs.losses:
-            if loss == base:
-                continue
-            for seed in fs.seeds:
-                other = per[(base, None if base == PRETRAINED else seed)]
-                for s in shots:
-                    d = paired_difference(per[(loss, seed)]["per_episode"][s], other["per_episode"][s])
-                    diffs.append({"method": loss, "baseline": base, "seed": seed, "shot": int(s), **d.to_dict()})
-    seeds_rows, seed_diffs = [], []
-    for loss in fs.losses:
-        for s in shots:
-            vals = [per[(loss, seed)]["test"][s]["mean"] for seed in fs.seeds]
-            seeds_rows.append({"method": loss, "shot": int(s), "values": vals, **seed_summary(vals).to_dict()})
-    for d_base in baselines:
-        for loss in fs.losses:
-            if loss == d_base:
-                continue
+    for method, base in pairs:
+        for seed in fs.seeds:
+            other = per[(base, None if base == PRETRAINED else seed)]
             for s in shots:
-                vals = [d["mean"] for d in diffs
-                        if d["method"] == loss and d["baseline"] == d_base and d["shot"] == int(s)]
-                seed_diffs.append({"method": loss, "baseline": d_base, "shot": int(s), "values": vals,
-                                   **seed_summary(vals).to_dict()})
+                d = paired_difference(per[(method, seed)]["per_episode"][s], other["per_episode"][s])
+                diffs.append({"method": method, "baseline": base, "seed": seed, "shot": int(s), **d.to_dict()})
+    seeds_rows, seed_diffs = [], []
+    for method in fs.losses:
+        for s in shots:
+            vals = [per[(method, seed)]["test"][s]["mean"] for seed in fs.seeds]
+            seeds_rows.append({"method": method, "shot": int(s), "values": vals, **seed_summary(vals).to_dict()})
+    for method, base in pairs:
+        for s in shots:
+            vals = [d["mean"] for d in diffs if d["method"] == method and d["baseline"] == base and d["shot"] == int(s)]
+            seed_diffs.append({"method": method, "baseline": base, "shot": int(s), "values": vals,
+                               **seed_summary(vals).to_dict()})
     return {
         "dataset": cfg.data.name,
         "backbone": cfg.model.backbone,
@@ -321,7 +339,22 @@ def _summarise(cfg: Config, rows: list[dict[str, Any]], files: dict[str, dict[st
         "differences": diffs,
         "seeds": seeds_rows,
         "seed_differences": seed_diffs,
+        "base_accuracy": _base_summary(fs.losses, fs.seeds, per, pairs),
     }
+
+
+def _base_summary(methods: Sequence[str], seeds: Sequence[int], per: dict[tuple[str, Any], dict[str, Any]],
+                  pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Base-class validation top-1 at the last epoch, per method across seeds, and paired differences."""
+    vals = {m: [per[(m, s)].get("base_val", {}).get("last") for s in seeds] for m in methods}
+    rows = [{"method": m, "values": v, **seed_summary(v).to_dict()} for m, v in vals.items() if None not in v]
+    diffs = []
+    for m, b in pairs:
+        if b in vals and None not in vals[m] and None not in vals[b]:
+            d = [x - y for x, y in zip(vals[m], vals[b], strict=True)]
+            diffs.append({"method": m, "baseline": b, "values": d, **seed_summary(d).to_dict()})
+    return {"what": "base-class validation top-1 (%) at the last epoch, across training seeds",
+            "rows": rows, "differences": diffs}
 
 
 def _pm(mean: float | None, hw: float | None, signed: bool = False) -> str:
@@ -373,5 +406,24 @@ def format_table(results: dict[str, Any]) -> str:
             hw = "n/a" if x["half_width"] is None else f"± {x['half_width']:.2f}"
             excl = ("yes" if x["excludes_zero"] else "no") if signed else ""
             lines.append(f"{name:<22}{'':>5}{x['shot']:>5}  {mean + ' (' + sd + ')':<24}{hw:>16}  {excl}")
+    lines += _base_lines(results)
     lines.append(f"\nresults: {results.get('results_file', '')}")
     return "\n".join(lines)
+
+
+def _base_lines(results: dict[str, Any]) -> list[str]:
+    """The table's section on base-class validation top-1 (what fine-tuning did to the base classes)."""
+    base = results.get("base_accuracy") or {}
+    if not base.get("rows"):
+        return []
+    lines = ["", "base-class validation top-1 at the last epoch (%), across training seeds",
+             f"{'method':<22}{'':>10}  {'mean (sd)':<24}{'± 95% CI':>16}  excludes 0"]
+    for x in [*base["rows"], *base.get("differences", [])]:
+        name = x["method"] if "baseline" not in x else f"{x['method']} − {x['baseline']}"
+        signed = "baseline" in x
+        sd = "n/a" if x["std"] is None else f"{x['std']:.2f}"
+        mean = f"{x['mean']:+.2f}" if signed else f"{x['mean']:.2f}"
+        hw = "n/a" if x["half_width"] is None else f"± {x['half_width']:.2f}"
+        excl = ("yes" if x["excludes_zero"] else "no") if signed else ""
+        lines.append(f"{name:<22}{'':>10}  {mean + ' (' + sd + ')':<24}{hw:>16}  {excl}")
+    return lines

@@ -177,9 +177,19 @@ def load_for_evaluation(path: str | Path, overrides: Sequence[str] | None = None
     model, cfg, num_classes = load_checkpoint_model(path)
     cfg = with_overrides(cfg, overrides)
     device = resolve_device(cfg.train.device)
-    model.to(device)
+    model = prepare_for_inference(model, cfg, device)
     names = getattr(model, "class_names", None)
     return Loaded(model, cfg, num_classes, list(names) if names is not None else None, device, Path(path))
+
+
+def prepare_for_inference(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """``model`` in eval mode on ``device``, channels-last when ``train.channels_last`` resolves so."""
+    from schane.engine.utils import resolve_channels_last
+
+    model = model.to(device).eval()
+    if resolve_channels_last(cfg.train.channels_last, model):
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def check_class_names(trained: Sequence[str] | None, data: Sequence[str], where: str, *, allow: bool = False) -> None:
@@ -279,7 +289,7 @@ def fewshot_accuracies(
     from schane.fewshot import build_feature_bank, evaluate_protocol_a, evaluate_protocol_b
 
     fs, show = cfg.fewshot, cfg.train.progress
-    model = model.to(device).eval()
+    model = prepare_for_inference(model, cfg, device)
     out: dict[tuple[int, float], np.ndarray] = {}
     if fs.protocol == "A":
         bank = build_feature_bank(
@@ -320,6 +330,7 @@ __all__ = [
     "load_for_evaluation",
     "load_split",
     "preprocessing_for",
+    "prepare_for_inference",
     "prepare_run_dir",
     "support_transform_for",
     "train_transform_for",

@@ -52,6 +52,7 @@ from schane.engine.utils import (
     Throughput,
     epoch_batches,
     resolve_amp,
+    resolve_channels_last,
     resolve_device,
     seed_everything,
     worker_init_fn,
@@ -237,7 +238,8 @@ def _setup(cfg: Config, info: DistInfo) -> _Run:
     if num_classes < 2:
         raise ValueError(f"dataset {cfg.data.name!r} has {num_classes} class(es) in its train split; need >= 2")
     model = build_model(cfg.model, num_classes).to(device)
-    if cfg.train.channels_last:
+    channels_last = resolve_channels_last(cfg.train.channels_last, model)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_ds = SeededTransformDataset(train_base, TwoViews(train_transform_for(cfg, model)), cfg.train.seed)
     eval_tf = eval_transform_for(cfg, model)
@@ -270,7 +272,7 @@ def _setup(cfg: Config, info: DistInfo) -> _Run:
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
         )
     parts = TrainParts(wrapped, model, optimizer, scheduler, scaler, criterion, device, amp_dtype, info, ema, queue,
-                       accum, cfg.optim.clip_grad, cfg.train.channels_last)
+                       accum, cfg.optim.clip_grad, channels_last)
     manager = CheckpointManager(cfg.run_dir, parts, to_dict(cfg), train_base.classes, cfg.train.ckpt_every_steps)
     return _Run(parts, manager, train_ds, val_ds, test_ds, nb, steps_per_epoch, lr)
 

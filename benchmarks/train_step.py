@@ -7,10 +7,15 @@ and the gradient it sends back through the projection head. The two objectives a
 interleaved (CE, SCHaNe, CE, SCHaNe, ...) so that load from other processes hits both alike;
 the table reports the median over repeats.
 
+With ``--channels-last`` it instead times the same CE training step with the model and inputs in the
+default (NCHW) and the channels-last (NHWC) memory format, interleaved, and prints the speed-up: what
+``train.channels_last: auto`` buys for convolutional backbones.
+
 Usage:
     python benchmarks/train_step.py                       # effnet-lite0-offline, 128 px, batch 64, CPU
     python benchmarks/train_step.py --repeats 9 --threads 2
     python benchmarks/train_step.py --vit                 # also vit_small_patch16_224 on CUDA (if available)
+    python benchmarks/train_step.py --channels-last --img-size 32   # the demo's step, NCHW vs channels-last
 """
 
 from __future__ import annotations
@@ -86,6 +91,37 @@ def bench(
     return times
 
 
+def bench_memory_format(backbone: str, img_size: int, batch: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per CE training step (forward, loss, backward, AdamW) with NCHW and with channels-last tensors."""
+    steps = {}
+    for fmt in ("nchw", "channels_last"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(backbone=backbone, pretrained=True), 128)
+        x = torch.randn(2 * batch, 3, img_size, img_size)
+        if fmt == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        model.train()
+        opt = _make_optimizer(model, 1e-4)
+        y = torch.randint(0, 128, (2 * batch,))
+        joint = JointLoss(None)
+
+        def step(model=model, x=x, y=y, opt=opt, joint=joint) -> float:
+            t0 = time.perf_counter()
+            joint(model(x).logits.float(), y).total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+        step()  # warm-up
+        steps[fmt] = step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(repeats):
+        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+            times[name].append(steps[name]())
+    return times
+
+
 def bench_extra_work(backbone: str, batch: int, repeats: int = 30, num_classes: int = 100) -> float:
     """Median seconds of the work only the SCHaNe objective adds: the SCHaNe loss forward+backward
     on the 2B projections and the backward through the projection head (its forward runs in both)."""
@@ -118,9 +154,14 @@ def main() -> None:
     ap.add_argument(
         "--extra-only", action="store_true", help="only time the work SCHaNe adds (fast, low noise)"
     )
+    ap.add_argument("--channels-last", action="store_true",
+                    help="time a CE step in NCHW vs channels-last memory format instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.channels_last:
+        _print_memory_format(args)
+        return
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -155,6 +196,22 @@ def main() -> None:
             print(_row(f"vit_small_patch16_224 224px (CUDA bf16, B={args.batch}, {2 * args.batch} views)", t))
         else:
             print("| vit_small_patch16_224 224px (CUDA) | not measured: no GPU | | |")
+
+
+def _print_memory_format(args: argparse.Namespace) -> None:
+    import os
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
+    print(f"interleaved repeats: {args.repeats}, median reported\n")
+    print("| model (CPU fp32, batch, views) | NCHW step | channels-last step | speed-up |")
+    print("|---|---|---|---|")
+    t = bench_memory_format("effnet-lite0-offline", args.img_size, args.batch, args.repeats)
+    a, b = statistics.median(t["nchw"]), statistics.median(t["channels_last"])
+    print(f"| effnet-lite0-offline {args.img_size} px, B={args.batch}, {2 * args.batch} views | {1000 * a:.0f} ms "
+          f"| {1000 * b:.0f} ms | {a / b:.2f}x |")
+    print(f"  raw NCHW ms: {[round(1000 * v) for v in t['nchw']]}\n"
+          f"  raw channels-last ms: {[round(1000 * v) for v in t['channels_last']]}")
 
 
 if __name__ == "__main__":

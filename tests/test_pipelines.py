@@ -237,3 +237,24 @@ def test_config_values_are_read_as_written_or_refused(override, message):
     else:
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
             load_config(None, [override])
+
+
+def test_training_seeds_share_the_validation_hold_out(image_root, tmp_path):
+    from schane.pipelines.setup import load_split
+
+    a = load_config(None, ["data.name=image_folder", f"data.root={image_root}", "train.seed=1"])
+    b = load_config(None, ["data.name=image_folder", f"data.root={image_root}", "train.seed=2"])
+    c = load_config(None, ["data.name=image_folder", f"data.root={image_root}", "data.split_seed=5"])
+    va, vb, vc = (load_split(x, "val").samples for x in (a, b, c))
+    assert va == vb and va != vc
+
+
+def test_old_checkpoints_keep_their_training_seed_hold_out(image_root, tmp_path):
+    from schane.engine.checkpoint import load_checkpoint_model
+
+    res = train(tiny_cfg(image_root, tmp_path, "old", "train.seed=3"))
+    state = load_checkpoint(res.last_checkpoint)
+    del state["config"]["data"]["split_seed"]  # a checkpoint written by schane < 0.2
+    torch.save(state, tmp_path / "old.pt")
+    _, cfg, _ = load_checkpoint_model(tmp_path / "old.pt")
+    assert cfg.data.split_seed == 3

@@ -67,6 +67,10 @@ class ModelConfig:
 class DataConfig:
     """Dataset and loader. ``options`` holds dataset-specific keyword arguments.
 
+    ``val_fraction`` of each training class is held out as the ``val`` split (model selection), drawn
+    with ``split_seed``: independent of ``train.seed``, so runs with different training seeds train and
+    select on the same images, and seeds vary only initialisation, augmentation and batch order.
+
     Preprocessing (resolved by :func:`schane.data.transforms.resolve_preprocessing`): ``mean`` /
     ``std`` (3 values each) and ``crop_pct`` override the backbone's pretrained values when set
     (``None``: the backbone's). ``eval_resize`` is ``"crop"`` (resize the short side to
@@ -81,6 +85,7 @@ class DataConfig:
     eval_batch_size: int = 128
     num_workers: int = 0
     val_fraction: float = 0.1
+    split_seed: int = 0
     download: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     mean: list[float] | None = None

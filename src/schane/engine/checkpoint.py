@@ -288,7 +288,10 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
     from schane.models import build_model
 
     state = load_checkpoint(path, map_location="cpu")
-    cfg = from_dict(state["config"])
+    stored = state["config"]
+    if "split_seed" not in stored.get("data", {}):  # schane < 0.2 drew the validation hold-out with train.seed
+        stored = {**stored, "data": {**stored.get("data", {}), "split_seed": stored.get("train", {}).get("seed", 0)}}
+    cfg = from_dict(stored)
     num_classes = int(state["num_classes"])
     model = build_model(_offline_model_cfg(cfg.model), num_classes)
     try:

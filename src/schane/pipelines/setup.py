@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 def load_split(cfg: Config, split: str, transform: Any = None) -> Any:
     """One split of ``cfg.data``'s dataset (``transform`` applied to each PIL image, ``None``: PIL images).
 
-    The validation hold-out is seeded with ``train.seed`` (so CE and SCHaNe runs with the same seed share it).
+    The validation hold-out is seeded with ``data.split_seed``: every run of a study, whatever its training
+    seed or loss, trains and selects on the same images.
 
     Raises:
         ValueError: on an unknown dataset, split or option.
@@ -44,7 +45,7 @@ def load_split(cfg: Config, split: str, transform: Any = None) -> Any:
     from schane.data import get_dataset
 
     d = cfg.data
-    return get_dataset(d.name, d.root, split, transform, seed=cfg.train.seed, val_fraction=d.val_fraction,
+    return get_dataset(d.name, d.root, split, transform, seed=d.split_seed, val_fraction=d.val_fraction,
                        download=d.download, **d.options)
 
 

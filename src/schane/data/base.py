@@ -427,6 +427,55 @@ def fewshot_split(
     return ds
 
 
+def check_fewshot_capacity(
+    name: str,
+    split: str,
+    targets: Sequence[int],
+    classes: Sequence[str],
+    ways: int,
+    shots: int,
+    queries: int,
+) -> None:
+    """Check that a few-shot split can hold ``ways``-way episodes of ``shots + queries`` images a class.
+
+    Run before any training, so that a split too small for the episodes is named at once (by class
+    name) rather than after the base-class fine-tuning.
+
+    Args:
+        name: Dataset name (for messages).
+        split: The split's name (``val_classes``, ``test_classes``).
+        targets: ``[M]`` label of every image of the split, in ``0..len(classes)-1``.
+        classes: The split's class names.
+        ways: Classes per episode.
+        shots: The largest number of support images per class.
+        queries: Query images per class.
+
+    Raises:
+        ValueError: If the split has fewer than ``ways`` classes, or a class has fewer than
+            ``shots + queries`` images (the first few are named with their counts).
+    """
+    counts = (
+        np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(classes))
+        if len(targets)
+        else (np.zeros(len(classes), dtype=np.int64))
+    )
+    present = int(np.count_nonzero(counts))
+    if present < ways:
+        raise ValueError(
+            f"dataset {name!r}: {split} has {present} class(es) ({first_few(list(classes))}) but {ways}-way episodes "
+            f"need at least {ways}: lower fewshot.ways to at most {present}, or give {split} more classes "
+            "(data.options.class_splits / class_fractions for your own data)"
+        )
+    need = shots + queries
+    short = [f"{classes[i]} ({int(n)})" for i, n in enumerate(counts) if n < need]
+    if short:
+        raise ValueError(
+            f"dataset {name!r}: {len(short)} class(es) of {split} have fewer than shots + queries = {shots} + "
+            f"{queries} = {need} images: {first_few(short)}; lower fewshot.queries or fewshot.shots, or add images "
+            "(or move those classes out of the validation/novel lists)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bundled split files
 

@@ -1,18 +1,36 @@
-"""The users' own data: a folder per class, or a CSV of ``path,label``."""
+"""The users' own data: a folder per class, or a CSV of ``path,label``.
+
+Both are classification sets (``train``/``val``/``test``) unless the option ``class_splits`` or
+``class_fractions`` is given: then all images of each class are pooled and the classes are split
+into base, validation and novel classes, which makes a few-shot set (``train``/``val`` on the base
+classes, ``val_classes``, ``test_classes``) that ``schane fewshot`` evaluates like the benchmarks.
+
+Examples:
+    >>> from schane.data import get_dataset
+    >>> lists = {"train": ["cat", "dog", "fox", "owl"], "val": ["ant", "bee", "elk"], "test": ["emu", "gnu", "yak"]}
+    >>> novel = get_dataset("image_folder", "photos", "test_classes", class_splits=lists)  # doctest: +SKIP
+    >>> novel.classes, novel.class_lists["val"]  # doctest: +SKIP
+    (['emu', 'gnu', 'yak'], ['ant', 'bee', 'elk'])
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .base import (
     ImageDataset,
     check_classes_present,
     check_no_empty_class,
     classification_split,
+    fewshot_split,
     first_few,
     holdout_indices,
     list_image_files,
@@ -20,7 +38,9 @@ from .base import (
     require_file,
     require_root,
 )
-from .registry import register_dataset
+from .registry import Kind, register_dataset
+
+logger = logging.getLogger(__name__)
 
 FOLDER_LAYOUT = """
 Either with an explicit test split:
@@ -38,6 +58,21 @@ root/test.csv      relative to the CSV's folder or absolute; label = class name 
                    UTF-8 (a byte-order mark is fine); every image must exist and be listed once.
 (or pass train_csv=... / test_csv=... to name the files; root then defaults to the CSV's folder)
 """
+
+FEWSHOT_LAYOUT = """
+Few-shot mode (option class_splits or class_fractions): all images of each class are pooled (train and
+test together) and the classes are split into base, validation and novel classes:
+  class_splits: {train: [...], val: [...], test: [...]}   base, validation and novel class names
+  class_splits: DIR      DIR/train.txt, DIR/val.txt, DIR/test.txt: one class name per line (DIR absolute,
+                         relative to the working directory, or relative to root)
+  class_fractions: [base, val, novel]   fractions of the classes (each > 0, sum 1), drawn with split_seed
+Splits: train/val (the base classes' images, seeded val_fraction hold-out), val_classes, test_classes.
+"""
+
+PARTS = ("train", "val", "test")
+"""The class lists of a few-shot set: base (``train``), validation (``val``) and novel (``test``) classes."""
+MIN_CLASSES = 2
+"""Fewest classes a list may hold (an episode has at least 2 ways; training needs 2 classes)."""
 
 
 def _resolve_classes(name: str, found: Sequence[str], classes: Sequence[str] | None, where: str) -> list[str]:
@@ -84,7 +119,12 @@ def _folder(name: str, folder: Path, classes: Sequence[str] | None, transform: A
     return ImageDataset(samples, targets, names, load_image, transform, name)
 
 
-@register_dataset("image_folder", "classification", FOLDER_LAYOUT)
+@register_dataset(
+    "image_folder",
+    "classification",
+    FOLDER_LAYOUT + FEWSHOT_LAYOUT,
+    kind_for_options=lambda options: fewshot_kind("image_folder", options),
+)
 def build_image_folder(
     root: Any,
     split: str,
@@ -96,6 +136,8 @@ def build_image_folder(
     classes: Sequence[str] | None = None,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    class_splits: Mapping[str, Sequence[str]] | str | os.PathLike | None = None,
+    class_fractions: Sequence[float] | None = None,
 ) -> ImageDataset:
     """A folder per class, optionally under ``train/`` and ``test/``.
 
@@ -104,19 +146,47 @@ def build_image_folder(
         root/train/<class>/*.jpg + root/test/<class>/*.jpg
         or root/<class>/*.jpg (test split = seeded ``test_fraction`` of each class, seed ``split_seed``)
 
+    With ``class_splits`` or ``class_fractions`` it is a few-shot set (see :func:`resolve_class_lists`):
+    the images of ``train/`` and ``test/`` are pooled, and the splits are ``train``/``val`` (base classes),
+    ``val_classes`` and ``test_classes``; ``test_fraction`` is not used.
+
     Raises:
-        FileNotFoundError: If root has no class folders.
-        ValueError: If a class has no images or ``classes`` does not match the folders.
+        FileNotFoundError: If root has no class folders, or the ``class_splits`` folder or a file of it
+            is missing.
+        ValueError: If a class has no images, ``classes`` does not match the folders, or the class lists
+            are malformed (unknown or repeated names, overlapping or too short lists).
     """
     path = require_root("image_folder", root, FOLDER_LAYOUT)
+    fewshot = fewshot_kind("image_folder", {"class_splits": class_splits, "class_fractions": class_fractions})
     if (path / "train").is_dir() and (path / "test").is_dir():
         train = _folder("image_folder", path / "train", classes, transform)
         test = _folder("image_folder", path / "test", train.classes, transform)
         test.split = "test"
+        full = ImageDataset(
+            train.samples + test.samples,
+            train.targets + test.targets,
+            train.classes,
+            load_image,
+            transform,
+            "image_folder",
+        )
     else:
         full = _folder("image_folder", path, classes, transform)
-        train, test = _split_train_test(
-            "image_folder", full.samples, full.targets, full.classes, transform, test_fraction, split_seed
+        if fewshot == "classification":
+            train, test = _split_train_test(
+                "image_folder", full.samples, full.targets, full.classes, transform, test_fraction, split_seed
+            )
+    if fewshot == "fewshot":
+        return own_fewshot_split(
+            full,
+            split,
+            str(path),
+            root=path,
+            seed=seed,
+            val_fraction=val_fraction,
+            class_splits=class_splits,
+            class_fractions=class_fractions,
+            split_seed=split_seed,
         )
     return classification_split(train, test, split, val_fraction, seed)
 
@@ -178,7 +248,12 @@ def _sort_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-@register_dataset("csv", "classification", CSV_LAYOUT)
+@register_dataset(
+    "csv",
+    "classification",
+    CSV_LAYOUT + FEWSHOT_LAYOUT,
+    kind_for_options=lambda options: fewshot_kind("csv", options),
+)
 def build_csv(
     root: Any,
     split: str,
@@ -192,6 +267,8 @@ def build_csv(
     classes: Sequence[str] | None = None,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    class_splits: Mapping[str, Sequence[str]] | str | os.PathLike | None = None,
+    class_fractions: Sequence[float] | None = None,
 ) -> ImageDataset:
     """Images listed in CSV files of ``path,label``.
 
@@ -205,11 +282,17 @@ def build_csv(
     Both CSVs are checked whichever split is asked for: a missing CSV or image, an empty label
     or a path listed twice (within a file or in both files) is an error at load time.
 
+    With ``class_splits`` or ``class_fractions`` it is a few-shot set (see :func:`resolve_class_lists`):
+    the rows of both CSVs are pooled, and the splits are ``train``/``val`` (base classes),
+    ``val_classes`` and ``test_classes``; ``test_fraction`` is not used.
+
     Raises:
-        FileNotFoundError: If a CSV or a listed image is missing (the first few are named).
-        ValueError: On malformed rows, empty labels, repeated paths, an empty class or ``classes``
-            not matching the labels.
+        FileNotFoundError: If a CSV, a listed image, or the ``class_splits`` folder or a file of it is
+            missing (the first few are named).
+        ValueError: On malformed rows, empty labels, repeated paths, an empty class, ``classes``
+            not matching the labels, or malformed class lists.
     """
+    fewshot = fewshot_kind("csv", {"class_splits": class_splits, "class_fractions": class_fractions})
     if train_csv is None:
         path = require_root("csv", root, CSV_LAYOUT)
         tr_file = require_file("csv", path / "train.csv", CSV_LAYOUT, "Or pass train_csv=... .")
@@ -231,6 +314,25 @@ def build_csv(
     found = _sort_labels({lab for _, lab in tr_rows + te_rows})
     names = _resolve_classes("csv", found, classes, str(tr_file))
     pos = {c: i for i, c in enumerate(names)}
+    if fewshot == "fewshot":
+        rows = tr_rows + te_rows
+        pooled = ImageDataset(
+            [p for p, _ in rows], [pos[lab] for _, lab in rows], names, load_image, transform, "csv"
+        )
+        check_no_empty_class(
+            "csv", pooled.targets, names, f"{tr_file}" + (f" and {te_file}" if te_file else "")
+        )
+        return own_fewshot_split(
+            pooled,
+            split,
+            str(tr_file),
+            root=tr_file.parent if root is None else root,
+            seed=seed,
+            val_fraction=val_fraction,
+            class_splits=class_splits,
+            class_fractions=class_fractions,
+            split_seed=split_seed,
+        )
     tr_s, tr_t = [p for p, _ in tr_rows], [pos[lab] for _, lab in tr_rows]
     check_no_empty_class("csv", tr_t, names, str(tr_file))
     if te_file:
@@ -247,3 +349,288 @@ def build_csv(
     else:
         train, test = _split_train_test("csv", tr_s, tr_t, names, transform, test_fraction, split_seed)
     return classification_split(train, test, split, val_fraction, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Few-shot mode: base, validation and novel classes of the user's own data
+
+
+def fewshot_kind(name: str, options: Mapping[str, Any]) -> Kind:
+    """``"fewshot"`` when ``class_splits`` or ``class_fractions`` is set, else ``"classification"``.
+
+    Checks the two options' form (reads no file): ``class_splits`` is a mapping with the keys ``train``,
+    ``val`` and ``test`` (each a list of class names) or a folder path; ``class_fractions`` is three
+    numbers > 0 that sum to 1; at most one of them is set.
+
+    Args:
+        name: Dataset name (for messages).
+        options: The dataset options.
+
+    Returns:
+        The kind of dataset these options make.
+
+    Raises:
+        ValueError: On a malformed value, or both options set.
+    """
+    splits, fractions = options.get("class_splits"), options.get("class_fractions")
+    if splits is not None and fractions is not None:
+        raise ValueError(f"dataset {name!r}: give class_splits or class_fractions, not both")
+    if splits is not None:
+        _check_class_splits_form(name, splits)
+        return "fewshot"
+    if fractions is not None:
+        _fraction_values(name, fractions)
+        return "fewshot"
+    return "classification"
+
+
+def _check_class_splits_form(name: str, value: Any) -> None:
+    if isinstance(value, (str, os.PathLike)):
+        if not str(value).strip():
+            raise ValueError(
+                f"dataset {name!r}: class_splits is an empty path; give a folder or the three lists"
+            )
+        return
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"dataset {name!r}: class_splits must be {{train: [...], val: [...], test: [...]}} or a folder holding "
+            f"train.txt, val.txt and test.txt; got {type(value).__name__}"
+        )
+    keys = sorted(str(k) for k in value)
+    if keys != sorted(PARTS):
+        raise ValueError(
+            f"dataset {name!r}: class_splits needs exactly the keys train (base classes), val (validation classes) "
+            f"and test (novel classes); got {keys}"
+        )
+    for part in PARTS:
+        names = value[part]
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise ValueError(
+                f"dataset {name!r}: class_splits.{part} must be a list of class names, got {names!r}"
+            )
+
+
+def _fraction_values(name: str, value: Any) -> list[float]:
+    try:
+        fractions = [float(f) for f in value] if not isinstance(value, (str, bytes)) else []
+    except (TypeError, ValueError):
+        fractions = []
+    if len(fractions) != 3 or any(isinstance(f, bool) for f in value):
+        raise ValueError(
+            f"dataset {name!r}: class_fractions must be three numbers [base, val, novel], e.g. [0.6, 0.2, 0.2]; "
+            f"got {value!r}"
+        )
+    if not all(math.isfinite(f) and f > 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(
+            f"dataset {name!r}: class_fractions {fractions} must each be > 0 and sum to 1 (base + val + novel)"
+        )
+    return fractions
+
+
+def read_class_lists(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """The class lists in ``folder/{train,val,test}.txt`` (one name per line, blank lines skipped).
+
+    The format of the bundled benchmark splits (``schane/data/splits/*/``) and of what
+    :func:`write_class_lists` writes.
+
+    Raises:
+        FileNotFoundError: If the folder or one of the three files is missing.
+    """
+    folder = Path(folder)
+    lists = {}
+    for part in PARTS:
+        file = folder / f"{part}.txt"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"class_splits: {file} not found; the folder must hold train.txt (base classes), val.txt "
+                "(validation classes) and test.txt (novel classes), one class name per line"
+            )
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+        lists[part] = [line.strip() for line in lines if line.strip()]
+    return lists
+
+
+def write_class_lists(lists: Mapping[str, Sequence[str]], folder: str | os.PathLike) -> Path:
+    """Write ``folder/{train,val,test}.txt``, which ``class_splits: folder`` reads back as the same lists.
+
+    Args:
+        lists: ``{"train": [...], "val": [...], "test": [...]}`` class names.
+        folder: Where to write (created if needed).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: If a list is missing, or a class name cannot be written as one line (a line break,
+            or spaces at either end).
+    """
+    folder = Path(folder)
+    bad = [c for part in PARTS for c in lists[part] if "\n" in c or "\r" in c or c != c.strip()]
+    if bad:
+        raise ValueError(
+            f"class names that cannot be written one per line: {first_few([repr(c) for c in bad])}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in PARTS:
+        (folder / f"{part}.txt").write_text("".join(f"{c}\n" for c in lists[part]), encoding="utf-8")
+    return folder
+
+
+def _class_splits_folder(value: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    path = Path(value).expanduser()
+    tried = [path]
+    if path.is_dir():
+        return path
+    if not path.is_absolute() and root is not None:
+        under_root = Path(root).expanduser() / path
+        tried.append(under_root)
+        if under_root.is_dir():
+            return under_root
+    raise FileNotFoundError(
+        f"class_splits: no folder at {' or '.join(str(t) for t in tried)}; give a folder holding train.txt, "
+        "val.txt and test.txt (absolute, relative to the working directory, or relative to root), or the lists "
+        "themselves as {train: [...], val: [...], test: [...]}"
+    )
+
+
+def _lists_from_fractions(
+    name: str, available: Sequence[str], fractions: Any, split_seed: int
+) -> dict[str, list[str]]:
+    base_f, val_f, novel_f = _fraction_values(name, fractions)
+    n = len(available)
+    n_val, n_novel = math.floor(val_f * n + 0.5), math.floor(novel_f * n + 0.5)
+    counts = {"train": n - n_val - n_novel, "val": n_val, "test": n_novel}
+    if min(counts.values()) < MIN_CLASSES:
+        raise ValueError(
+            f"dataset {name!r}: class_fractions [{base_f:g}, {val_f:g}, {novel_f:g}] of {n} classes gives "
+            f"{counts['train']} base, {counts['val']} validation and {counts['test']} novel classes; each needs at "
+            f"least {MIN_CLASSES}: change the fractions, add classes, or list them with class_splits"
+        )
+    order = np.random.default_rng(int(split_seed)).permutation(n)
+    cuts = {
+        "train": order[: counts["train"]],
+        "val": order[counts["train"] : n - n_novel],
+        "test": order[n - n_novel :],
+    }
+    return {part: [available[i] for i in sorted(int(i) for i in idx)] for part, idx in cuts.items()}
+
+
+def _check_lists(name: str, lists: Mapping[str, Sequence[str]], available: Sequence[str], where: str) -> None:
+    have = set(available)
+    unknown = [c for part in PARTS for c in lists[part] if c not in have]
+    if unknown:
+        raise ValueError(
+            f"dataset {name!r}: class_splits names {len(unknown)} class(es) that {where} does not have: "
+            f"{first_few(unknown)}. Its classes are: {first_few(list(available), 10)}"
+        )
+    for part in PARTS:
+        repeated = sorted({c for c in lists[part] if list(lists[part]).count(c) > 1})
+        if repeated:
+            raise ValueError(
+                f"dataset {name!r}: class_splits.{part} lists {first_few(repeated)} more than once"
+            )
+        if len(lists[part]) < MIN_CLASSES:
+            raise ValueError(
+                f"dataset {name!r}: class_splits.{part} has {len(lists[part])} class(es); each list needs at least "
+                f"{MIN_CLASSES} (episodes have at least 2 ways)"
+            )
+    where_in = {}
+    for part in PARTS:
+        for c in lists[part]:
+            where_in.setdefault(c, []).append(part)
+    both = [f"{c} ({' and '.join(parts)})" for c, parts in where_in.items() if len(parts) > 1]
+    if both:
+        raise ValueError(
+            f"dataset {name!r}: the class lists must be disjoint, but {len(both)} class(es) are in more than one: "
+            f"{first_few(both)}"
+        )
+
+
+def resolve_class_lists(
+    name: str,
+    available: Sequence[str],
+    *,
+    class_splits: Mapping[str, Sequence[str]] | str | os.PathLike | None = None,
+    class_fractions: Sequence[float] | None = None,
+    split_seed: int = 0,
+    root: str | os.PathLike | None = None,
+    where: str = "the data",
+) -> dict[str, list[str]]:
+    """The base (``train``), validation (``val``) and novel (``test``) class lists of a few-shot set.
+
+    Args:
+        name: Dataset name (for messages).
+        available: The data's class names.
+        class_splits: ``{"train": [...], "val": [...], "test": [...]}``, or a folder holding ``train.txt``,
+            ``val.txt`` and ``test.txt`` (absolute, relative to the working directory, or relative to ``root``).
+        class_fractions: ``[base, val, novel]`` fractions of ``available`` (each > 0, sum 1): the classes are
+            permuted with ``split_seed`` and cut in that order; each list keeps the order of ``available``.
+        split_seed: Seed of the ``class_fractions`` permutation.
+        root: The data's root (for a relative ``class_splits`` folder).
+        where: Description of the data for messages.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``; classes in no list are unused (logged).
+
+    Raises:
+        ValueError: On unknown or repeated class names, overlapping lists, a list with fewer than 2
+            classes, or malformed options.
+        FileNotFoundError: If the ``class_splits`` folder or one of its files is missing.
+    """
+    if fewshot_kind(name, {"class_splits": class_splits, "class_fractions": class_fractions}) != "fewshot":
+        raise ValueError(f"dataset {name!r}: give class_splits or class_fractions to make a few-shot set")
+    if class_fractions is not None:
+        return _lists_from_fractions(name, available, class_fractions, split_seed)
+    if isinstance(class_splits, (str, os.PathLike)):
+        lists = read_class_lists(_class_splits_folder(class_splits, root))
+    else:
+        assert class_splits is not None
+        lists = {part: [str(c) for c in class_splits[part]] for part in PARTS}
+    _check_lists(name, lists, available, where)
+    unused = sorted(set(available) - {c for part in PARTS for c in lists[part]})
+    if unused:
+        logger.info(
+            "%s: %d class(es) of %s are in no class list and are not used: %s",
+            name,
+            len(unused),
+            where,
+            first_few(unused),
+        )
+    return lists
+
+
+def own_fewshot_split(
+    pooled: ImageDataset,
+    split: str,
+    where: str,
+    *,
+    root: str | os.PathLike | None,
+    seed: int,
+    val_fraction: float,
+    class_splits: Mapping[str, Sequence[str]] | str | os.PathLike | None,
+    class_fractions: Sequence[float] | None,
+    split_seed: int,
+) -> ImageDataset:
+    """One split of the few-shot set made from ``pooled`` (every image of every class).
+
+    Returns:
+        The split (labels ``0..C-1`` in the order of its class list), with ``class_lists``: the
+        resolved ``{"train", "val", "test"}`` lists, for the caller to record (``schane fewshot`` writes
+        them to ``RUN_DIR/class_splits/``).
+
+    Raises:
+        ValueError: See :func:`resolve_class_lists` and :func:`~schane.data.base.fewshot_split`.
+        FileNotFoundError: If the ``class_splits`` folder or a file of it is missing.
+    """
+    lists = resolve_class_lists(
+        pooled.name,
+        pooled.classes,
+        class_splits=class_splits,
+        class_fractions=class_fractions,
+        split_seed=split_seed,
+        root=root,
+        where=where,
+    )
+    ds = fewshot_split(pooled, lists, split, val_fraction, seed, where)
+    ds.class_lists = lists  # type: ignore[attr-defined]
+    return ds

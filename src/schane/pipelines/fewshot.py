@@ -238,6 +238,11 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
     prepare_run_dir(run_dir)
     pretrained = pretrained_model(cfg, fs.ways)
     views = fewshot_views(cfg, pretrained, (VAL_SPLIT, TEST_SPLIT))
+    # before any training: episode sizes, own data's class lists (RUN_DIR/class_splits/), pretraining overlap
+    from schane.fewshot.overlap import check_fewshot_classes
+
+    class_checks = check_fewshot_classes(cfg, views.classes, views.labels, run_dir,
+                                         class_lists=getattr(views.eval[VAL_SPLIT].base, "class_lists", None))
     episodes, files = draw_episodes(cfg, views, run_dir)
     study = _Study(cfg, views, episodes, resolve_device(cfg.train.device))
     rows: list[dict[str, Any]] = []
@@ -250,6 +255,7 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
         for seed in fs.seeds:
             rows.append(_fine_tuned_row(study, loss, seed, train_fn, base_classes))
     results = _summarise(cfg, rows, files)
+    results.update(class_checks)  # "pretraining_overlap", "class_splits"
     results["seconds"] = time.perf_counter() - t0
     results["run_dir"] = str(run_dir)
     results["results_file"] = str(run_dir / "fewshot.json")
@@ -375,6 +381,8 @@ def format_table(results: dict[str, Any]) -> str:
         "",
         f"{'method':<22}{'seed':>5}{'shot':>5}  {'selected (val acc)':<24}{'test acc (%)':>16}",
     ]
+    if results.get("pretraining_overlap"):  # classes the backbone saw in pretraining (schane.fewshot.overlap)
+        lines.insert(2, results["pretraining_overlap"]["message"])
     for r in results["rows"]:
         for s, t in r["test"].items():
             sel = r["selected"][s]

@@ -53,7 +53,7 @@ def dataset_splits(cfg: Config) -> tuple[str, ...]:
     """The splits ``cfg.data``'s dataset offers."""
     from schane.data import dataset_info
 
-    return dataset_info(cfg.data.name).splits
+    return dataset_info(cfg.data.name, options=cfg.data.options).splits
 
 
 def preprocessing_for(cfg: Config, model: nn.Module) -> Any:

@@ -303,10 +303,6 @@ def test_cli_names_a_bad_class_list_in_one_line(folder, tmp_path, capsys):
     assert not (tmp_path / "runs" / "own" / "ce-seed0").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs schane.pipelines.compare.resolve_split to read dataset_info(cfg.data.name, options=cfg.data.options)",
-)
 def test_analyze_works_on_own_fewshot_data(folder_run, tmp_path):
     from schane.pipelines.compare import analyze_checkpoint
 

@@ -587,6 +587,10 @@ def _validate_model_data(cfg: Config) -> None:
     unknown = sorted(set(d.options) - set(info.options))
     _need(not unknown, f"data.options.{unknown[0] if unknown else ''}",
           f"is not an option of dataset {info.name!r}; its options are {', '.join(info.options) or 'none'}")
+    try:  # options that change the kind of the set (e.g. class_splits makes a folder a few-shot set)
+        dataset_info(d.name, options=d.options)
+    except ValueError as e:
+        raise ValueError(f"data.options: {e}") from None
 
 
 def _validate_aug(aug: AugConfig) -> None:

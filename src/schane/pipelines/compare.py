@@ -70,7 +70,7 @@ def resolve_split(cfg: Config, split: str) -> tuple[str, str]:
     """``(split, dataset kind)``; ``test`` means ``test_classes`` on few-shot datasets."""
     from schane.data import dataset_info
 
-    info = dataset_info(cfg.data.name)
+    info = dataset_info(cfg.data.name, options=cfg.data.options)
     if info.kind == "fewshot" and split == "test":
         split = "test_classes"
     if split not in info.splits:

@@ -229,7 +229,8 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
     if VAL_SPLIT not in splits or TEST_SPLIT not in splits:
         raise ValueError(
             f"dataset {cfg.data.name!r} has no {VAL_SPLIT}/{TEST_SPLIT} splits; schane fewshot needs a few-shot "
-            "benchmark such as glyphs, cifar_fs, fc100, mini_imagenet"
+            "benchmark such as glyphs, cifar_fs, fc100, mini_imagenet, or your own image_folder/csv data with "
+            "data.options.class_splits or data.options.class_fractions (docs/fewshot.md)"
         )
     if train_fn is None:
         from schane.pipelines.train import train as train_fn

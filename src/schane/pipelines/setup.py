@@ -166,15 +166,23 @@ def load_for_evaluation(path: str | Path, overrides: Sequence[str] | None = None
 
     Raises:
         FileNotFoundError: when the checkpoint is missing.
-        ValueError: on a corrupt checkpoint or an override of a ``model.*`` key (the weights fix the model).
+        ValueError: on a corrupt checkpoint, weights that do not fit the model of its config (one line naming the
+            first mismatched tensors), or an override of a ``model.*`` key (the weights fix the model).
     """
-    from schane.engine.checkpoint import load_checkpoint_model
+    from schane.engine.checkpoint import CheckpointError, load_checkpoint_model
     from schane.engine.utils import resolve_device
 
     for item in overrides or []:
         if item.strip().startswith("model."):
             raise ValueError(f"override {item!r}: the model is fixed by the checkpoint's weights; override data.* etc.")
-    model, cfg, num_classes = load_checkpoint_model(path)
+    try:
+        model, cfg, num_classes = load_checkpoint_model(path)
+    except CheckpointError as e:  # torch lists every mismatched tensor on its own line: keep the report one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if len(lines) <= 1:
+            raise
+        more = f"; ... ({len(lines) - 3} more)" if len(lines) > 3 else ""
+        raise CheckpointError(f"{lines[0]} {'; '.join(lines[1:3])}{more}") from e
     cfg = with_overrides(cfg, overrides)
     device = resolve_device(cfg.train.device)
     model.to(device)

@@ -1,4 +1,5 @@
-"""Command-line interface: ``schane train | eval | fewshot | analyze | compare | demo | inspect-weights``.
+"""Command-line interface: ``schane train | eval | fewshot | analyze | compare | demo | inspect-weights | export |
+embed | predict``.
 
 The CLI only parses arguments and calls a workflow of :mod:`schane.pipelines`; results go to standard
 output, progress and log lines to standard error. A user-caused error (a bad config value, a missing file,
@@ -112,6 +113,39 @@ def _cmd_inspect_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from schane.pipelines.export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out, heads=args.heads)
+    names = "not stored in the checkpoint (schane < 0.2)" if r.class_names is None else f"{len(r.class_names)}"
+    print(f"exported {r.kind} weights ({r.weights}) to {r.out_dir}: {', '.join(f.name for f in r.files)}")
+    print(f"class names: {names}; classifier: {r.classifier_key or 'not in model.safetensors'}; "
+          f"reloaded outside schane, largest output difference {r.max_abs_diff:.2e}")
+    print(f"\n{r.snippet}")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from schane.pipelines.embed import embed_images
+
+    r = embed_images(args.checkpoint, args.data, out=args.out, split=args.split, projections=args.projections,
+                     overrides=args.overrides)
+    print(f"{r.n} images, {r.kind} of {r.dim} dimensions: {', '.join(str(f) for f in r.files)}")
+    if r.skipped_file is not None:
+        print(f"{len(r.skipped)} unreadable image(s) skipped: {r.skipped_file}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from schane.pipelines.predict import predict_images
+
+    r = predict_images(args.checkpoint, args.images, args.out, topk=args.topk, overrides=args.overrides)
+    print(f"{r.n} images, top {r.topk} classes: {r.out}")
+    if r.skipped_file is not None:
+        print(f"{len(r.skipped)} unreadable image(s) skipped: {r.skipped_file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``schane`` argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -161,6 +195,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="model overrides, e.g. model.backbone_kwargs.img_size=384")
     p.set_defaults(func=_cmd_inspect_weights)
+
+    p = sub.add_parser("export", help="write a checkpoint's weights as safetensors for timm (or torchscale) with "
+                                      "class names, preprocessing and config")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (model.safetensors, config.json, ...)")
+    p.add_argument("--heads", action="store_true",
+                   help="also export the classifier (on the timm model's own head) and the projection head")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("embed", help="pooled features (or projections) of a folder of images or a dataset split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
+    p.add_argument("--data", default=None, metavar="ROOT_OR_FOLDER",
+                   help="a folder of images (walked recursively); with --split, the dataset root (default: the "
+                        "checkpoint's data.root)")
+    p.add_argument("--split", default=None, help="embed this split of the checkpoint's dataset (labels included)")
+    p.add_argument("--projections", action="store_true",
+                   help="write the unit-norm contrastive projections instead of the pooled features")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="FILE.npy (with FILE.csv of path,label,class beside it) or FILE.parquet (needs pyarrow)")
+    _add_set(p, "overrides of the checkpoint's config, e.g. data.eval_batch_size=64 train.device=cpu")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("predict", help="top-k classes with probabilities for a folder of images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
+    p.add_argument("--images", required=True, metavar="FOLDER", help="a folder of images (walked recursively)")
+    p.add_argument("--out", default="predictions.csv", metavar="FILE", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default: 5)")
+    _add_set(p, "overrides of the checkpoint's config, e.g. data.eval_batch_size=64 train.device=cpu")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

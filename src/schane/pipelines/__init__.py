@@ -1,4 +1,5 @@
-"""The workflows: train and evaluate from a config, the few-shot study, compare/analyze, the demo.
+"""The workflows: train and evaluate from a config, the few-shot study, compare/analyze, the demo, and
+taking a fine-tuned model out (export, embed, predict).
 
 Each is a thin sequence of library calls on the shared set-up of :mod:`schane.pipelines.setup`; the
 command-line tool calls them and nothing else. The library packages (``losses``, ``data``, ``models``,
@@ -25,6 +26,9 @@ _EXPORTS = {
     "method_config": "compare",
     "run_demo": "demo",
     "demo_config": "demo",
+    "export_checkpoint": "export",
+    "embed_images": "embed",
+    "predict_images": "predict",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -397,11 +397,6 @@ def _collate_readable(items: list[tuple[int, torch.Tensor | None, str]]) -> tupl
     return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, bad
 
 
-def is_convolutional(model: nn.Module) -> bool:
-    """Whether ``model`` has convolutions beyond a patch embedding (where channels-last inputs help)."""
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
-
-
 @torch.no_grad()
 def forward_images(
     model: nn.Module,
@@ -417,7 +412,7 @@ def forward_images(
 ) -> Iterator[tuple[list[int], Any]]:
     """Run ``model`` over ``images`` in batches, in order; unreadable images are appended to ``skipped``.
 
-    Convolutional backbones get channels-last inputs (:func:`is_convolutional`).
+    Inputs are channels-last when the model's convolutions are stored so (:func:`prepare_for_inference`).
 
     Args:
         model: an :class:`~schane.models.SCHaNeModel` (put in eval mode and on ``device``).
@@ -434,13 +429,11 @@ def forward_images(
         ``(indices, output)``: the indices into ``images`` of a batch's readable images and the model's
         :class:`~schane.models.ModelOutput` for them (``logits[b, C]``, ``features[b, d]``, ``projections[b, p]``).
     """
-    from schane.engine.utils import autocast
+    from schane.engine.utils import autocast, uses_channels_last
     from schane.progress import progress as _progress
 
-    channels_last = is_convolutional(model)
     model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    channels_last = uses_channels_last(model)
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_readable)
     for idx, x, bad in _progress(loader, desc=desc, enabled=progress, log=True):
@@ -492,7 +485,6 @@ __all__ = [
     "fewshot_views",
     "find_images",
     "forward_images",
-    "is_convolutional",
     "load_for_evaluation",
     "load_split",
     "preprocessing_for",

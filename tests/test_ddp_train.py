@@ -17,6 +17,8 @@ from schane.engine.utils import read_metrics
 from schane.pipelines.train import train
 from test_train import tiny_cfg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -39,12 +41,7 @@ def test_two_process_gloo_run_matches_single_process(image_root, tmp_path, loss)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = train(tiny_cfg(image_root, tmp_path, "single", *common, "data.batch_size=4"))
-    finally:
-        torch.set_num_threads(n)
+    single = train(tiny_cfg(image_root, tmp_path, "single", *common, "data.batch_size=4"))
 
     d = ddp_cfg.run_dir
     recs = read_metrics(d / "metrics.jsonl")

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from schane.config import load_config
 from schane.pipelines.demo import DEMO_CONFIG, demo_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_demo_config_is_the_documented_one():
@@ -41,12 +42,7 @@ def test_demo_end_to_end_tiny(tmp_path, glyph_cache):
     from schane.cli import main
 
     overrides = [*tiny(glyph_cache), "optim.epochs=2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "0", "1", "--set", *overrides]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "0", "1", "--set", *overrides]) == 0
     out = tmp_path / "demo"
     report = (out / "report.md").read_text()
     for needle in ("pretrained (no fine-tuning)", "| CE |", "| SCHaNe + CE |", "3-way 1-shot", "3-way 2-shot",
@@ -74,12 +70,7 @@ def test_demo_end_to_end_tiny(tmp_path, glyph_cache):
 def test_ablation_trains_four_methods_on_the_same_episodes(tmp_path, glyph_cache):
     from schane.cli import main
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["demo", "--ablation", "--out", str(tmp_path / "abl"), "--seeds", "0", "--set", *tiny(glyph_cache)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["demo", "--ablation", "--out", str(tmp_path / "abl"), "--seeds", "0", "--set", *tiny(glyph_cache)]) == 0
     fs = json.loads((tmp_path / "abl" / "fewshot.json").read_text())
     assert [r["method"] for r in fs["rows"]] == ["pretrained", "ce", "supcon", "schane_beta0", "schane"]
     beta0 = json.loads((tmp_path / "abl" / "schane_beta0-seed0" / "final.json").read_text())

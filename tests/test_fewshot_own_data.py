@@ -10,7 +10,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -20,6 +19,9 @@ from schane.data.custom import read_class_lists, resolve_class_lists, write_clas
 
 NAMES = ["ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "owl", "yak"]
 LISTS = {"train": NAMES[:4], "val": NAMES[4:7], "test": NAMES[7:]}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 PER_CLASS = 8
 
 
@@ -219,12 +221,7 @@ def _config(tmp, data, **fewshot):
 def _run_cli(args):
     from schane.cli import main
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend on a shared CPU
-    try:
-        return main(args)
-    finally:
-        torch.set_num_threads(threads)
+    return main(args)
 
 
 @pytest.fixture(scope="module")
@@ -266,12 +263,7 @@ def test_fewshot_runs_on_a_csv_with_class_fractions(csv_root, tmp_path):
 
     opts = {"class_fractions": [0.4, 0.3, 0.3], "split_seed": 1}
     cfg = from_dict(_config(tmp_path, {"name": "csv", "root": str(csv_root), "options": opts}, include_pretrained=False))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = run_fewshot(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    res = run_fewshot(cfg)
     lists = get_dataset("csv", str(csv_root), "train", **opts).class_lists
     assert read_class_lists(res["class_splits"]) == lists  # the drawn lists are in the run directory
     assert [r["method"] for r in res["rows"]] == ["ce"] and len(res["rows"][0]["per_episode"]["1"]) == 4
@@ -330,12 +322,7 @@ def test_own_classes_named_by_wordnet_ids_are_checked_against_imagenet(tmp_path,
     cfg = _config(tmp_path, data, losses=[], queries=2, episodes=2)
     cfg["model"] = {"backbone": "effnet-lite0-offline", "proj_dim": 16}
     caplog.set_level(logging.INFO, logger="schane")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = run_fewshot(from_dict(cfg))
-    finally:
-        torch.set_num_threads(threads)
+    res = run_fewshot(from_dict(cfg))
     report = res["pretraining_overlap"]
     assert report["status"] == "overlap" and report["pretraining"][0]["label_set"] == "ImageNet-1k"
     assert report["splits"]["test_classes"]["in_pretraining"] == 3 and report["splits"]["val_classes"]["in_pretraining"] == 3

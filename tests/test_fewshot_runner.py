@@ -5,11 +5,12 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from schane.fewshot.episodes import load_episodes
 from schane.pipelines.fewshot import format_table
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,7 @@ def fewshot_run(tmp_path_factory):
     }
     path = tmp / "fs.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend on a shared CPU
-    try:
-        assert main(["fewshot", "--config", str(path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["fewshot", "--config", str(path)]) == 0
     run_dir = tmp / "runs" / "fs"
     return run_dir, json.loads((run_dir / "fewshot.json").read_text()), path
 
@@ -91,12 +87,7 @@ def test_rerun_reuses_training_and_reproduces(fewshot_run, caplog):
 
     run_dir, res, path = fewshot_run
     caplog.set_level(logging.INFO, logger="schane")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["fewshot", "--config", str(path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["fewshot", "--config", str(path)]) == 0
     assert "the run is finished" in caplog.text  # finished runs are reused, not retrained
     again = json.loads((run_dir / "fewshot.json").read_text())
     assert [r["per_episode"] for r in again["rows"]] == [r["per_episode"] for r in res["rows"]]

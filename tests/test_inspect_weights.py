@@ -17,13 +17,7 @@ from schane.models import build_model
 from schane.models.inspection import inspect_weights
 from test_models_beit3 import write_in1k_replica, write_itc_replica, write_pretraining_replica
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

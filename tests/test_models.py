@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from schane.config import ModelConfig
 from schane.models import ModelOutput, ProjectionHead, SCHaNeModel, build_model, create_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a loaded shared CPU, OpenMP threads waiting on each other cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,7 @@ with warnings.catch_warnings():
     from torchscale.model.BEiT3 import BEiT3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a loaded shared CPU, OpenMP threads waiting on each other cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The fields of schane's "beit3_tiny" (schane.models.backbones.BEIT3_CONFIGS).

@@ -11,14 +11,7 @@ from schane.config import ModelConfig
 from schane.models import build_model, create_effnet_lite0_offline, effnet_lite0_state_dict
 from schane.models.weights import effnet_lite0_weights_path
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a loaded shared CPU, OpenMP threads waiting on each other cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ImageNet-1k class indices used below

@@ -25,14 +25,7 @@ from schane.models import (
 )
 from schane.models.weights import map_state_dict_by_order, unwrap_state_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a loaded shared CPU, OpenMP threads waiting on each other cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NAME = "test_efficientnet"

@@ -1,0 +1,297 @@
+"""Dense per-block operations of the log-space engine, eager or compiled with ``torch.compile``.
+
+Each operation reads one ``[n, M]`` similarity block and either reduces it to per-row statistics over a subset
+of its columns (forward) or overwrites it with a gradient block (backward).
+
+* Eager forms exclude columns by writing a large finite negative *sentinel* into them with one sparse scatter
+  (``exp`` maps it to 0, and a row without any included column never gives ``inf - inf``), then work in place:
+  no boolean ``[n, M]`` mask and no other ``[n, M]`` tensor (except in :func:`grad_general_`).
+* Compiled forms compare labels inside the fused loop instead, so that ``torch.compile`` reads the block
+  twice for a forward reduction (max, then the sums) and once, writing in place, for a backward block (C++
+  with OpenMP on CPU, Triton on CUDA).
+
+Backend choice: the ``backend`` argument of every loss, or the environment variable
+``SCHANE_LOSS_BACKEND`` when the argument is ``None``:
+
+* ``"eager"`` (default): plain PyTorch operations, no compilation;
+* ``"compile"``: ``torch.compile`` each operation (``dynamic=True``). The first use per device type and dtype
+  compiles it on a tiny probe block (seconds to a minute); if compilation fails (no C++ compiler, no Triton,
+  an unsupported platform) a warning is logged and the eager forms are used for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "compile")
+ENV_VAR = "SCHANE_LOSS_BACKEND"
+_LOG2 = math.log(2.0)
+
+
+def sentinel(dtype: torch.dtype) -> float:
+    """The value that marks excluded entries of a block: finite, and ``exp`` of it (shifted) is 0."""
+    return torch.finfo(dtype).min
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    return torch.log(torch.clamp(x, min=torch.finfo(x.dtype).tiny))
+
+
+# ---- forward statistics over a masked block (eager forms destroy ``s``) ----------------------------------
+
+
+def lse_(s: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Row log-sum-exp of ``s[n, M]`` over its non-sentinel entries; finite for rows without any (``has``)."""
+    m = torch.where(has, s.amax(dim=1), 0.0)
+    return m + _safe_log(s.sub_(m[:, None]).exp_().sum(dim=1))
+
+
+def lse_pair_(s: torch.Tensor, has: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LSE(beta s), LSE((1+beta) s))`` per row over the non-sentinel entries, for ``beta > 0``.
+
+    With ``t = s - max`` (so ``e^t <= 1`` and the largest term is 1: neither sum can underflow).
+    """
+    m = torch.where(has, s.amax(dim=1), 0.0)
+    t = s.sub_(m[:, None])
+    if beta == 1.0:
+        e = t.exp_()
+        sum_b = e.sum(dim=1)
+        log_s1 = 2.0 * _safe_log(torch.linalg.vector_norm(e, 2, dim=1))
+    else:
+        eb = torch.mul(t, beta).exp_()
+        sum_b = eb.sum(dim=1)
+        log_s1 = _safe_log(eb.mul_(t.exp_()).sum(dim=1))
+        del eb
+    return beta * m + _safe_log(sum_b), (1.0 + beta) * m + log_s1
+
+
+# ---- backward blocks (eager forms overwrite ``s`` and return it) ------------------------------------------
+
+
+def exp_shift_(s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
+    """``s <- exp(scale * s - shift[:, None])``."""
+    if scale != 1.0:
+        s.mul_(scale)
+    return s.sub_(shift[:, None]).exp_()
+
+
+def quadratic_(s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``s <- X (1 + E - X)`` with ``X = exp(s - shift[:, None])``, ``E = e[:, None]`` (one lerp, in place)."""
+    x = s.sub_(shift[:, None]).exp_()
+    return x.lerp_(e[:, None].expand_as(x), x)
+
+
+def grad_general_(
+    s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor
+) -> torch.Tensor:
+    """``s <- exp((1+beta) s - shift1) - exp(beta s - shift_b)`` (one ``[n, M]`` temporary)."""
+    r = torch.mul(s, beta).sub_(shift_b[:, None]).exp_()
+    s.mul_(1.0 + beta).sub_(shift1[:, None]).exp_()
+    return s.sub_(r)
+
+
+# ---- compiled forms: the same formulas as pure functions, with the masks as label comparisons -------------
+
+
+def _c_max(s: torch.Tensor, keep: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    return torch.where(has, torch.where(keep, s, float("-inf")).amax(dim=1), 0.0)
+
+
+def _c_log(x: torch.Tensor) -> torch.Tensor:
+    return torch.log(torch.clamp(x, min=torch.finfo(x.dtype).tiny))
+
+
+def _c_lse(s: torch.Tensor, keep: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    m = _c_max(s, keep, has)
+    return m + _c_log(torch.where(keep, torch.exp(s - m[:, None]), 0.0).sum(dim=1))
+
+
+def _c_lse_pair(
+    s: torch.Tensor, keep: torch.Tensor, has: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m = _c_max(s, keep, has)
+    t = s - m[:, None]
+    sum_b = torch.where(keep, torch.exp(beta * t), 0.0).sum(dim=1)
+    sum_1 = torch.where(keep, torch.exp((1.0 + beta) * t), 0.0).sum(dim=1)
+    return beta * m + _c_log(sum_b), (1.0 + beta) * m + _c_log(sum_1)
+
+
+def _c_neg_lse(s, a_lab, c_lab, has):
+    return _c_lse(s, a_lab[:, None] != c_lab[None, :], has)
+
+
+def _c_neg_lse_pair(s, a_lab, c_lab, has, beta):
+    return _c_lse_pair(s, a_lab[:, None] != c_lab[None, :], has, beta)
+
+
+def _c_others_lse(s, self_col, has):
+    cols = torch.arange(s.shape[1], device=s.device)
+    return _c_lse(s, cols[None, :] != self_col, has)
+
+
+def _c_exp_shift(s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
+    return s.copy_(torch.exp(scale * s - shift[:, None]))
+
+
+def _c_quadratic(s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    x = torch.exp(s - shift[:, None])
+    return s.copy_(x * (1.0 + e[:, None] - x))
+
+
+def _c_grad_general(s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor) -> torch.Tensor:
+    g = torch.exp((1.0 + beta) * s - shift1[:, None]) - torch.exp(beta * s - shift_b[:, None])
+    return s.copy_(g)
+
+
+class BlockOps:
+    """The block operations of one backend (``name`` is ``"eager"`` or ``"compile"``).
+
+    Forward reductions take the block ``s[n, M]``, a description of the excluded columns and ``has[n]`` (rows
+    with at least one included column): ``neg_lse``/``neg_lse_pair`` include the columns whose label differs
+    from the anchor's (``a_lab[n]``, ``c_lab[M]``), ``others_lse`` every column but the anchor's own
+    (``self_col[n, 1]``). Backward operations overwrite ``s`` and return it.
+    """
+
+    name = "eager"
+
+    def compiled_for(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether blocks on ``device`` in ``dtype`` run compiled kernels (compiles them on first call)."""
+        return False
+
+    def neg_lse(self, s, a_lab, c_lab, has, same_idx):
+        """``LSE`` over negatives; the eager form writes sentinels at ``same_idx[n, P]`` and destroys ``s``."""
+        return lse_(s.scatter_(1, same_idx, sentinel(s.dtype)), has)
+
+    def neg_lse_pair(self, s, a_lab, c_lab, has, same_idx, beta):
+        """``(LSE(beta s), LSE((1+beta) s))`` over negatives (see :func:`lse_pair_`)."""
+        return lse_pair_(s.scatter_(1, same_idx, sentinel(s.dtype)), has, beta)
+
+    def others_lse(self, s, self_col, has):
+        """``LSE`` over every column but the anchor's own."""
+        return lse_(s.scatter_(1, self_col, sentinel(s.dtype)), has)
+
+    def exp_shift_(self, s, scale, shift):
+        return exp_shift_(s, scale, shift)
+
+    def quadratic_(self, s, shift, e):
+        return quadratic_(s, shift, e)
+
+    def grad_general_(self, s, beta, shift1, shift_b):
+        return grad_general_(s, beta, shift1, shift_b)
+
+
+class _CompiledOps(BlockOps):
+    """Compiled block operations; each device type and dtype is probed once and falls back to eager on failure."""
+
+    name = "compile"
+    _FNS = {
+        "neg_lse": _c_neg_lse,
+        "neg_lse_pair": _c_neg_lse_pair,
+        "others_lse": _c_others_lse,
+        "exp_shift_": _c_exp_shift,
+        "quadratic_": _c_quadratic,
+        "grad_general_": _c_grad_general,
+    }
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, Callable] = {}
+        self._ok: dict[tuple[str, torch.dtype], bool] = {}
+
+    def _run(self, name: str, s: torch.Tensor, *args):
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(self._FNS[name], dynamic=True)
+        return self._compiled[name](s, *args)
+
+    def neg_lse(self, s, a_lab, c_lab, has, same_idx):
+        if not self._usable(s):
+            return super().neg_lse(s, a_lab, c_lab, has, same_idx)
+        return self._run("neg_lse", s, a_lab, c_lab, has)
+
+    def neg_lse_pair(self, s, a_lab, c_lab, has, same_idx, beta):
+        if not self._usable(s):
+            return super().neg_lse_pair(s, a_lab, c_lab, has, same_idx, beta)
+        return self._run("neg_lse_pair", s, a_lab, c_lab, has, beta)
+
+    def others_lse(self, s, self_col, has):
+        if not self._usable(s):
+            return super().others_lse(s, self_col, has)
+        return self._run("others_lse", s, self_col, has)
+
+    def exp_shift_(self, s, scale, shift):
+        return self._run("exp_shift_", s, scale, shift) if self._usable(s) else exp_shift_(s, scale, shift)
+
+    def quadratic_(self, s, shift, e):
+        return self._run("quadratic_", s, shift, e) if self._usable(s) else quadratic_(s, shift, e)
+
+    def grad_general_(self, s, beta, shift1, shift_b):
+        if not self._usable(s):
+            return grad_general_(s, beta, shift1, shift_b)
+        return self._run("grad_general_", s, beta, shift1, shift_b)
+
+    def compiled_for(self, device: torch.device, dtype: torch.dtype) -> bool:
+        key = (device.type, dtype)
+        if key not in self._ok:
+            self._ok[key] = True  # the probe below runs the compiled forms
+            self._ok[key] = self._probe(device, dtype)
+        return self._ok[key]
+
+    def _usable(self, s: torch.Tensor) -> bool:
+        return self.compiled_for(s.device, s.dtype)
+
+    def _probe(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Compile every operation on a 3 x 5 block; any failure selects the eager forms for this key."""
+        try:
+            s = torch.randn(3, 5, device=device, dtype=dtype)
+            v = torch.randn(3, device=device, dtype=dtype)
+            lab = torch.arange(5, device=device)
+            has = torch.ones(3, dtype=torch.bool, device=device)
+            self.neg_lse(s, lab[:3], lab, has, None)
+            self.neg_lse_pair(s, lab[:3], lab, has, None, 1.0)
+            self.others_lse(s, lab[:3, None], has)
+            self.exp_shift_(s.clone(), 1.0, v)
+            self.quadratic_(s.clone(), v, v)
+            self.grad_general_(s.clone(), 2.0, v, v)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means "use eager"
+            logger.warning(
+                "torch.compile of the contrastive-loss block kernels failed on %s/%s (%s: %s); "
+                "using the eager kernels instead",
+                device.type,
+                dtype,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
+            return False
+        return True
+
+
+_OPS: dict[str, BlockOps] = {}
+
+
+def resolve_backend(backend: str | None) -> str:
+    """Return the backend name: ``backend``, else ``$SCHANE_LOSS_BACKEND``, else ``"eager"``.
+
+    Raises:
+        ValueError: if the name is not ``"eager"`` or ``"compile"``.
+    """
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "") or "eager"
+    if name not in BACKENDS:
+        where = "backend" if backend is not None else f"environment variable {ENV_VAR}"
+        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_ops(backend: str) -> BlockOps:
+    """The (shared) :class:`BlockOps` of a resolved backend name."""
+    if backend not in _OPS:
+        _OPS[backend] = _CompiledOps() if backend == "compile" else BlockOps()
+    return _OPS[backend]
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "BlockOps", "get_ops", "resolve_backend", "sentinel"]

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -123,15 +124,15 @@ def _c_lse_pair(
     return beta * m + _c_log(sum_b), (1.0 + beta) * m + _c_log(sum_1)
 
 
-def _c_neg_lse(s, a_lab, c_lab, has):
+def _c_neg_lse(s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     return _c_lse(s, a_lab[:, None] != c_lab[None, :], has)
 
 
-def _c_neg_lse_pair(s, a_lab, c_lab, has, beta):
+def _c_neg_lse_pair(s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _c_lse_pair(s, a_lab[:, None] != c_lab[None, :], has, beta)
 
 
-def _c_others_lse(s, self_col, has):
+def _c_others_lse(s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     cols = torch.arange(s.shape[1], device=s.device)
     return _c_lse(s, cols[None, :] != self_col, has)
 
@@ -165,25 +166,27 @@ class BlockOps:
         """Whether blocks on ``device`` in ``dtype`` run compiled kernels (compiles them on first call)."""
         return False
 
-    def neg_lse(self, s, a_lab, c_lab, has, same_idx):
+    def neg_lse(self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor) -> torch.Tensor:
         """``LSE`` over negatives; the eager form writes sentinels at ``same_idx[n, P]`` and destroys ``s``."""
         return lse_(s.scatter_(1, same_idx, sentinel(s.dtype)), has)
 
-    def neg_lse_pair(self, s, a_lab, c_lab, has, same_idx, beta):
+    def neg_lse_pair(
+        self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor, beta: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(LSE(beta s), LSE((1+beta) s))`` over negatives (see :func:`lse_pair_`)."""
         return lse_pair_(s.scatter_(1, same_idx, sentinel(s.dtype)), has, beta)
 
-    def others_lse(self, s, self_col, has):
+    def others_lse(self, s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         """``LSE`` over every column but the anchor's own."""
         return lse_(s.scatter_(1, self_col, sentinel(s.dtype)), has)
 
-    def exp_shift_(self, s, scale, shift):
+    def exp_shift_(self, s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
         return exp_shift_(s, scale, shift)
 
-    def quadratic_(self, s, shift, e):
+    def quadratic_(self, s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return quadratic_(s, shift, e)
 
-    def grad_general_(self, s, beta, shift1, shift_b):
+    def grad_general_(self, s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor) -> torch.Tensor:
         return grad_general_(s, beta, shift1, shift_b)
 
 
@@ -204,33 +207,35 @@ class _CompiledOps(BlockOps):
         self._compiled: dict[str, Callable] = {}
         self._ok: dict[tuple[str, torch.dtype], bool] = {}
 
-    def _run(self, name: str, s: torch.Tensor, *args):
+    def _run(self, name: str, s: torch.Tensor, *args: Any) -> Any:
         if name not in self._compiled:
             self._compiled[name] = torch.compile(self._FNS[name], dynamic=True)
         return self._compiled[name](s, *args)
 
-    def neg_lse(self, s, a_lab, c_lab, has, same_idx):
+    def neg_lse(self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor) -> torch.Tensor:
         if not self._usable(s):
             return super().neg_lse(s, a_lab, c_lab, has, same_idx)
         return self._run("neg_lse", s, a_lab, c_lab, has)
 
-    def neg_lse_pair(self, s, a_lab, c_lab, has, same_idx, beta):
+    def neg_lse_pair(
+        self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor, beta: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._usable(s):
             return super().neg_lse_pair(s, a_lab, c_lab, has, same_idx, beta)
         return self._run("neg_lse_pair", s, a_lab, c_lab, has, beta)
 
-    def others_lse(self, s, self_col, has):
+    def others_lse(self, s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         if not self._usable(s):
             return super().others_lse(s, self_col, has)
         return self._run("others_lse", s, self_col, has)
 
-    def exp_shift_(self, s, scale, shift):
+    def exp_shift_(self, s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
         return self._run("exp_shift_", s, scale, shift) if self._usable(s) else exp_shift_(s, scale, shift)
 
-    def quadratic_(self, s, shift, e):
+    def quadratic_(self, s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self._run("quadratic_", s, shift, e) if self._usable(s) else quadratic_(s, shift, e)
 
-    def grad_general_(self, s, beta, shift1, shift_b):
+    def grad_general_(self, s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor) -> torch.Tensor:
         if not self._usable(s):
             return grad_general_(s, beta, shift1, shift_b)
         return self._run("grad_general_", s, beta, shift1, shift_b)

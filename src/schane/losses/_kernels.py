@@ -156,7 +156,7 @@ class SCHaNeKernel(RowKernel):
         self.mode = positive_mode
         self.detach = detach_weights
 
-    def forward_rows(self, blk):
+    def forward_rows(self, blk: Block) -> tuple[torch.Tensor, torch.Tensor]:
         st = neg_stats(self.ops, blk, self.beta)
         npos = blk.npos()
         lse_p = _masked_lse(blk.sp, blk.valid, blk.n_pos > 0)
@@ -169,7 +169,7 @@ class SCHaNeKernel(RowKernel):
             a = torch.zeros_like(lse_p)
         return loss, torch.stack([st.l1, st.lb, st.log_ng, lse_p, a])
 
-    def grad_rows(self, blk, stats, g):
+    def grad_rows(self, blk: Block, stats: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, float]:
         st = NegStats(stats[0], stats[1], stats[2])
         lse_p, a = stats[3], stats[4]
         sign = neg_grad_sign(self.beta, self.detach)
@@ -193,13 +193,13 @@ class SupConKernel(RowKernel):
 
     n_stats = 1
 
-    def forward_rows(self, blk):
+    def forward_rows(self, blk: Block) -> tuple[torch.Tensor, torch.Tensor]:
         has = (blk.n_pos + blk.n_neg) > 0
         mean_pos = torch.where(blk.valid, blk.sp, 0.0).sum(dim=1) / blk.npos()
         lse = self.ops.others_lse(blk.s, blk.self_col, has)
         return lse - mean_pos, lse[None]
 
-    def grad_rows(self, blk, stats, g):
+    def grad_rows(self, blk: Block, stats: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, float]:
         # g * softmax over all columns, then 0 at the anchor itself and -g/|P| added at its positives
         h = self.ops.exp_shift_(blk.s, 1.0, stats[0] - _log(g)).scatter_(1, blk.self_col, 0.0)
         gp = torch.where(blk.valid, (-g / blk.npos())[:, None], 0.0)
@@ -221,7 +221,7 @@ class HardNegativeKernel(RowKernel):
         self.tau_plus = tau_plus
         self.inv_t = 1.0 / temperature
 
-    def _pair_terms(self, sp, log_ng, n_neg):
+    def _pair_terms(self, sp: torch.Tensor, log_ng: torch.Tensor, n_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per positive pair (on ``sp[n, P]``): ``log Ng_ip``, whether the clamp is inactive, and ``t``."""
         has_neg = (n_neg > 0)[:, None]
         log_n = torch.log(n_neg.to(sp.dtype).clamp(min=1))[:, None]
@@ -241,14 +241,14 @@ class HardNegativeKernel(RowKernel):
         log_ngt = torch.where(has_neg, log_ngt, torch.full_like(log_ngt, _NINF))
         return log_ngt, unclamped, t
 
-    def forward_rows(self, blk):
+    def forward_rows(self, blk: Block) -> tuple[torch.Tensor, torch.Tensor]:
         st = neg_stats(self.ops, blk, self.beta)
         log_ngt, _, _ = self._pair_terms(blk.sp, st.log_ng, blk.n_neg)
         v = F.softplus(log_ngt - blk.sp)
         loss = torch.where(blk.valid, v, 0.0).sum(dim=1) / blk.npos()
         return loss, torch.stack([st.l1, st.lb, st.log_ng])
 
-    def grad_rows(self, blk, stats, g):
+    def grad_rows(self, blk: Block, stats: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, float]:
         st = NegStats(stats[0], stats[1], stats[2])
         log_ngt, unclamped, t = self._pair_terms(blk.sp, st.log_ng, blk.n_neg)
         v = torch.where(blk.valid, torch.sigmoid(log_ngt - blk.sp), 0.0)

@@ -17,9 +17,12 @@ is used as the zero vector (similarity 0 to every sample) and gets an exactly ze
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 
-from ._blockops import get_ops, resolve_backend
+from ._blockops import BlockOps, get_ops, resolve_backend
 from ._gather import gather_labels, gather_rows, world_info
 from ._kernels import Block, RowKernel
 from ._validation import check_finite, validate_inputs
@@ -33,7 +36,7 @@ class _UnitRows(torch.autograd.Function):
     """``z = x * r`` with ``r = 1 / |x|`` per row (0 where ``|x| <= 1e-12``); backward ``r (dz - z (z . dz))``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         inv = torch.where(norm > _NORM_EPS, 1.0 / norm.clamp(min=_NORM_EPS), 0.0)
         z = x * inv
@@ -43,7 +46,7 @@ class _UnitRows(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dz: torch.Tensor, _dnorm: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, dz: torch.Tensor, _dnorm: torch.Tensor) -> torch.Tensor:
         z, inv = ctx.saved_tensors
         dot = torch.linalg.vecdot(z, dz, dim=1).unsqueeze(1)
         return torch.addcmul(dz, z, dot, value=-1.0).mul_(inv)
@@ -129,7 +132,7 @@ def _make_block(
     )
 
 
-def _chunks(n: int, chunk: int | None):
+def _chunks(n: int, chunk: int | None) -> Iterator[slice]:
     step = n if not chunk else chunk
     for start in range(0, n, max(step, 1)):
         yield slice(start, min(start + step, n))
@@ -143,7 +146,16 @@ class _ContrastFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchors, contrast, weights, inv_t, kernel, chunk, *index_tensors):
+    def forward(
+        ctx: Any,
+        anchors: torch.Tensor | None,
+        contrast: torch.Tensor,
+        weights: torch.Tensor,
+        inv_t: float,
+        kernel: RowKernel,
+        chunk: int | None,
+        *index_tensors: torch.Tensor,
+    ) -> torch.Tensor:
         index = LabelIndex.from_tensors(*index_tensors)
         n = index.a_labels.shape[0]
         a = contrast[:n] if anchors is None else anchors
@@ -173,7 +185,7 @@ class _ContrastFn(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         anchors, contrast, weights, stats, *index_tensors = ctx.saved_tensors
         index = LabelIndex.from_tensors(*index_tensors)
         n = index.a_labels.shape[0]
@@ -208,7 +220,7 @@ class _ContrastFn(torch.autograd.Function):
 
 
 def contrastive_loss(
-    kernel_factory,
+    kernel_factory: Callable[[BlockOps], RowKernel],
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     ref_embeddings: torch.Tensor | None,

@@ -11,7 +11,8 @@ are all other instances; per positive pair,
   ``w_ik = exp(beta s_ik) / mean_k' exp(beta s_ik')`` (importance weights of hard negatives; ``tau_plus``
   corrects for same-class "negatives"; the clamp is that of the reference implementation).
 
-The loss is the mean over positive pairs of an anchor, then over anchors.
+The loss is the mean over positive pairs of an anchor, then over anchors. All-zero rows are handled as in
+:mod:`schane.losses.schane` (zero vector, zero gradient).
 
 Example:
     >>> import torch

@@ -60,14 +60,31 @@ LOSSES = {
 }
 
 TINY = {
-    "corr_n": 32, "corr_ref": 16, "corr_chunk": 12, "sizes": [(64, None), (256, None), (512, 64)],
-    "speed_repeats": 3, "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32, 4), "vit_steps": 2,
-    "beit": ("beit3_tiny", 32, 4), "beit_steps": 2, "feat_batch": 8, "feat_steps": 2, "backends": ["eager"],
+    "corr_n": 32,
+    "corr_ref": 16,
+    "corr_chunk": 12,
+    "sizes": [(64, None), (256, None), (512, 64)],
+    "speed_repeats": 3,
+    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, 32, 4),
+    "vit_steps": 2,
+    "beit": ("beit3_tiny", 32, 4),
+    "beit_steps": 2,
+    "feat_batch": 8,
+    "feat_steps": 2,
+    "backends": ["eager"],
 }
 FULL = {
-    "corr_n": 512, "corr_ref": 256, "corr_chunk": 96, "sizes": [(4096, None), (16384, None), (65536, 8192)],
-    "speed_repeats": 5, "vit": ("vit_base_patch16_224", {}, 224, 64), "vit_steps": 10,
-    "beit": ("beit3_base_patch16_224", 224, 64), "beit_steps": 10, "feat_batch": 256, "feat_steps": 10,
+    "corr_n": 512,
+    "corr_ref": 256,
+    "corr_chunk": 96,
+    "sizes": [(4096, None), (16384, None), (65536, 8192)],
+    "speed_repeats": 5,
+    "vit": ("vit_base_patch16_224", {}, 224, 64),
+    "vit_steps": 10,
+    "beit": ("beit3_base_patch16_224", 224, 64),
+    "beit_steps": 10,
+    "feat_batch": 256,
+    "feat_steps": 10,
     "backends": ["eager", "compile"],
 }
 PML_MAX_N = 16384  # PML SupConLoss keeps ~11 float32 N x N matrices: ~190 GB at N = 65,536
@@ -107,7 +124,12 @@ def _peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
 def _model_cfg(backbone: str, **backbone_kwargs: Any) -> SimpleNamespace:
     """The fields of ``schane.config.ModelConfig`` that :func:`schane.models.build_model` reads."""
     return SimpleNamespace(
-        backbone=backbone, pretrained=False, checkpoint=None, proj_dim=128, drop_path=0.0, drop_rate=0.0,
+        backbone=backbone,
+        pretrained=False,
+        checkpoint=None,
+        proj_dim=128,
+        drop_path=0.0,
+        drop_rate=0.0,
         backbone_kwargs=backbone_kwargs,
     )
 
@@ -147,8 +169,15 @@ def _one_correctness(key, precision, path, backend, sizes, device) -> dict[str, 
     g_err = float((emb.grad.double().cpu() - g64).abs().max() / g64.abs().max().clamp(min=1e-12))
     tol_v, tol_g = TOLERANCES[precision]
     return {
-        "loss": key, "precision": precision, "path": path, "backend": backend, "emb_dtype": str(emb.dtype),
-        "value_rel_err": v_err, "grad_rel_err": g_err, "tol_value": tol_v, "tol_grad": tol_g,
+        "loss": key,
+        "precision": precision,
+        "path": path,
+        "backend": backend,
+        "emb_dtype": str(emb.dtype),
+        "value_rel_err": v_err,
+        "grad_rel_err": g_err,
+        "tol_value": tol_v,
+        "tol_grad": tol_g,
         "ok": bool(v_err <= tol_v and g_err <= tol_g and torch.isfinite(emb.grad).all()),
     }
 
@@ -184,14 +213,18 @@ def _speed_methods(n: int, chunk: int | None, backends: list[str]) -> dict[str, 
     methods: dict[str, Callable | None] = {"matmul floor": None}
     for b in backends:
         label = "SCHaNeLoss" + (f" chunk_size={chunk}" if chunk else "") + f" ({b})"
-        methods[label] = build_contrastive_loss("schane", temperature=0.5, beta=1.0, chunk_size=chunk, backend=b)
+        methods[label] = build_contrastive_loss(
+            "schane", temperature=0.5, beta=1.0, chunk_size=chunk, backend=b
+        )
     try:
         from pytorch_metric_learning.losses import SupConLoss as PMLSupCon
     except ImportError:
         methods["PML SupConLoss"] = "not run: pytorch-metric-learning is not installed"
     else:
         methods["PML SupConLoss"] = (
-            PMLSupCon(temperature=0.5) if n <= PML_MAX_N else f"not run: needs ~11 N x N float32 matrices at N={n}"
+            PMLSupCon(temperature=0.5)
+            if n <= PML_MAX_N
+            else f"not run: needs ~11 N x N float32 matrices at N={n}"
         )
     return methods
 
@@ -217,7 +250,11 @@ def check_loss_speed(sizes: dict, device: torch.device) -> list[dict[str, Any]]:
                 continue
             call = _speed_call(fn, x, y, z, chunk)
             times = _timed(call, device, sizes["speed_repeats"])
-            results[label] = {"time_s": statistics.median(times), "runs_s": times, "peak_mb": _peak_mb(call, device)}
+            results[label] = {
+                "time_s": statistics.median(times),
+                "runs_s": times,
+                "peak_mb": _peak_mb(call, device),
+            }
         floor_t = results["matmul floor"]["time_s"]
         pml_t = results.get("PML SupConLoss", {}).get("time_s")
         for label, r in results.items():
@@ -264,8 +301,14 @@ def check_train_step(sizes: dict, device: torch.device) -> dict[str, Any]:
             times[k] += _timed(lambda k=k: step(objectives[k]), device, 1, warmup=0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "backbone": backbone, "img_size": img, "images": batch, "views": 2 * batch, "amp": str(amp),
-        "step_s": med, "runs_s": times, "views_per_s": {k: 2 * batch / v for k, v in med.items()},
+        "backbone": backbone,
+        "img_size": img,
+        "images": batch,
+        "views": 2 * batch,
+        "amp": str(amp),
+        "step_s": med,
+        "runs_s": times,
+        "views_per_s": {k: 2 * batch / v for k, v in med.items()},
         "overhead_pct": 100.0 * (med["SCHaNe + CE"] / med["CE"] - 1.0),
     }
 
@@ -287,8 +330,14 @@ def check_beit3(sizes: dict, device: torch.device) -> dict[str, Any]:
     times = _timed(fwd_bwd, device, sizes["beit_steps"], warmup=2)
     t = statistics.median(times)
     return {
-        "backbone": backbone, "img_size": img, "batch": batch, "amp": str(amp), "step_s": t, "runs_s": times,
-        "images_per_s": batch / t, "peak_mb": _peak_mb(fwd_bwd, device),
+        "backbone": backbone,
+        "img_size": img,
+        "batch": batch,
+        "amp": str(amp),
+        "step_s": t,
+        "runs_s": times,
+        "images_per_s": batch / t,
+        "peak_mb": _peak_mb(fwd_bwd, device),
     }
 
 
@@ -345,7 +394,10 @@ def _md_correctness(rows: list[dict]) -> list[str]:
 
 
 def _md_speed(rows: list[dict]) -> list[str]:
-    out = ["| N | method | fwd+bwd (ms) | vs floor | vs PML SupCon | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    out = [
+        "| N | method | fwd+bwd (ms) | vs floor | vs PML SupCon | peak memory (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "note" in r:
             out.append(f"| {r['n']} | {r['method']} | {r['note']} | | | |")
@@ -440,11 +492,15 @@ def _run(tiny: bool, sections: list[str]) -> dict[str, Any]:
     res: dict[str, Any] = {"tiny": tiny, "errors": {}}
     compiled = {b: get_ops(b).compiled_for(device, torch.float32) for b in sizes["backends"]}
     res["machine"] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()})",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "compiled": "yes" if compiled.get("compile") else ("not requested" if "compile" not in compiled else "no"),
+        "compiled": "yes"
+        if compiled.get("compile")
+        else ("not requested" if "compile" not in compiled else "no"),
     }
     for name in sections:
         try:
@@ -465,8 +521,10 @@ def main() -> int:
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     args = ap.parse_args()
     if not args.tiny and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible; run it on a GPU machine, or use --tiny for the CPU smoke run",
-              file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device visible; run it on a GPU machine, or use --tiny for the CPU smoke run",
+            file=sys.stderr,
+        )
         return 2
     res = run(args.tiny, args.sections)
     print(markdown(res))

@@ -20,7 +20,12 @@ def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("SCHANE_LOSS_BACKEND", None)
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
 
 
@@ -32,7 +37,14 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert res["tiny"] and res["ok"] and res["errors"] == {}
     # correctness: every loss x precision x path, all within tolerance, gradients compared to float64
     rows = res["correctness"]
-    assert {r["loss"] for r in rows} == {"schane", "schane each b=2", "schane detached w", "supcon", "simclr", "hcl"}
+    assert {r["loss"] for r in rows} == {
+        "schane",
+        "schane each b=2",
+        "schane detached w",
+        "supcon",
+        "simclr",
+        "hcl",
+    }
     assert {(r["precision"], r["path"]) for r in rows} == {
         (p, q) for p in ("fp32", "bf16", "fp16") for q in ("plain", "chunk_size", "queue (ref)")
     }

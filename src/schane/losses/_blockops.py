@@ -46,56 +46,67 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- forward statistics over a masked block (eager forms destroy ``s``) ----------------------------------
+# Statistics are kept as the row max ``m`` and log-sums of ``e^t``, ``t = s - m``: every shift applied to a
+# block later is ``m`` itself (exact subtraction near the maximum) followed by a small correction, never one
+# rounded sum of both (which would cost up to half an ulp of ``m`` in every exponent when ``|s|`` is large).
 
 
-def lse_(s: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp of ``s[n, M]`` over its non-sentinel entries; finite for rows without any (``has``)."""
+def lse_(s: torch.Tensor, has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, log sum e^{s - m})`` per row over the non-sentinel entries of ``s[n, M]`` (``m = 0`` without any)."""
     m = torch.where(has, s.amax(dim=1), 0.0)
-    return m + _safe_log(s.sub_(m[:, None]).exp_().sum(dim=1))
+    return m, _safe_log(s.sub_(m[:, None]).exp_().sum(dim=1))
 
 
-def lse_pair_(s: torch.Tensor, has: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(LSE(beta s), LSE((1+beta) s))`` per row over the non-sentinel entries, for ``beta > 0``.
+def lse_pair_(
+    s: torch.Tensor, has: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, log sum e^{beta t}, log sum e^{(1+beta) t})`` per row over the non-sentinel entries (``beta > 0``).
 
-    With ``t = s - max`` (so ``e^t <= 1`` and the largest term is 1: neither sum can underflow).
+    ``t = s - m <= 0`` and its largest entry is 0, so neither sum can underflow.
     """
     m = torch.where(has, s.amax(dim=1), 0.0)
     t = s.sub_(m[:, None])
     if beta == 1.0:
         e = t.exp_()
-        sum_b = e.sum(dim=1)
+        log_sb = _safe_log(e.sum(dim=1))
         log_s1 = 2.0 * _safe_log(torch.linalg.vector_norm(e, 2, dim=1))
     else:
         eb = torch.mul(t, beta).exp_()
-        sum_b = eb.sum(dim=1)
+        log_sb = _safe_log(eb.sum(dim=1))
         log_s1 = _safe_log(eb.mul_(t.exp_()).sum(dim=1))
         del eb
-    return beta * m + _safe_log(sum_b), (1.0 + beta) * m + log_s1
+    return m, log_sb, log_s1
 
 
 # ---- backward blocks (eager forms overwrite ``s`` and return it) ------------------------------------------
 
 
-def exp_shift_(s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
-    """``s <- exp(scale * s - shift[:, None])``."""
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None]
+
+
+def exp_shift_(s: torch.Tensor, m: torch.Tensor, scale: float, delta: torch.Tensor) -> torch.Tensor:
+    """``s <- exp(scale (s - m) - delta)`` (row vectors ``m``, ``delta``)."""
+    t = s.sub_(_col(m))
     if scale != 1.0:
-        s.mul_(scale)
-    return s.sub_(shift[:, None]).exp_()
+        t.mul_(scale)
+    return t.sub_(_col(delta)).exp_()
 
 
-def quadratic_(s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``s <- X (1 + E - X)`` with ``X = exp(s - shift[:, None])``, ``E = e[:, None]`` (one lerp, in place)."""
-    x = s.sub_(shift[:, None]).exp_()
-    return x.lerp_(e[:, None].expand_as(x), x)
+def quadratic_(s: torch.Tensor, m: torch.Tensor, delta: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``s <- X (1 + E - X)`` with ``X = exp(s - m - delta)``, ``E = e[:, None]`` (the last step one lerp)."""
+    x = s.sub_(_col(m)).sub_(_col(delta)).exp_()
+    return x.lerp_(_col(e).expand_as(x), x)
 
 
 def grad_general_(
-    s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor
+    s: torch.Tensor, m: torch.Tensor, beta: float, delta1: torch.Tensor, delta_b: torch.Tensor
 ) -> torch.Tensor:
-    """``s <- exp((1+beta) s - shift1) - exp(beta s - shift_b)`` (one ``[n, M]`` temporary)."""
-    r = torch.mul(s, beta).sub_(shift_b[:, None]).exp_()
-    s.mul_(1.0 + beta).sub_(shift1[:, None]).exp_()
-    return s.sub_(r)
+    """``s <- exp((1+beta) t - delta1) - exp(beta t - delta_b)``, ``t = s - m`` (one ``[n, M]`` temporary)."""
+    t = s.sub_(_col(m))
+    r = torch.mul(t, beta).sub_(_col(delta_b)).exp_()
+    t.mul_(1.0 + beta).sub_(_col(delta1)).exp_()
+    return t.sub_(r)
 
 
 # ---- compiled forms: the same formulas as pure functions, with the masks as label comparisons -------------
@@ -109,46 +120,54 @@ def _c_log(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.clamp(x, min=torch.finfo(x.dtype).tiny))
 
 
-def _c_lse(s: torch.Tensor, keep: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+def _c_lse(s: torch.Tensor, keep: torch.Tensor, has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = _c_max(s, keep, has)
-    return m + _c_log(torch.where(keep, torch.exp(s - m[:, None]), 0.0).sum(dim=1))
+    return m, _c_log(torch.where(keep, torch.exp(s - m[:, None]), 0.0).sum(dim=1))
 
 
 def _c_lse_pair(
     s: torch.Tensor, keep: torch.Tensor, has: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m = _c_max(s, keep, has)
     t = s - m[:, None]
     sum_b = torch.where(keep, torch.exp(beta * t), 0.0).sum(dim=1)
     sum_1 = torch.where(keep, torch.exp((1.0 + beta) * t), 0.0).sum(dim=1)
-    return beta * m + _c_log(sum_b), (1.0 + beta) * m + _c_log(sum_1)
+    return m, _c_log(sum_b), _c_log(sum_1)
 
 
-def _c_neg_lse(s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+def _c_neg_lse(
+    s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _c_lse(s, a_lab[:, None] != c_lab[None, :], has)
 
 
-def _c_neg_lse_pair(s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _c_neg_lse_pair(
+    s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _c_lse_pair(s, a_lab[:, None] != c_lab[None, :], has, beta)
 
 
-def _c_others_lse(s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+def _c_others_lse(
+    s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     cols = torch.arange(s.shape[1], device=s.device)
     return _c_lse(s, cols[None, :] != self_col, has)
 
 
-def _c_exp_shift(s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
-    return s.copy_(torch.exp(scale * s - shift[:, None]))
+def _c_exp_shift(s: torch.Tensor, m: torch.Tensor, scale: float, delta: torch.Tensor) -> torch.Tensor:
+    return s.copy_(torch.exp(scale * (s - m[:, None]) - delta[:, None]))
 
 
-def _c_quadratic(s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    x = torch.exp(s - shift[:, None])
+def _c_quadratic(s: torch.Tensor, m: torch.Tensor, delta: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    x = torch.exp((s - m[:, None]) - delta[:, None])
     return s.copy_(x * (1.0 + e[:, None] - x))
 
 
-def _c_grad_general(s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor) -> torch.Tensor:
-    g = torch.exp((1.0 + beta) * s - shift1[:, None]) - torch.exp(beta * s - shift_b[:, None])
-    return s.copy_(g)
+def _c_grad_general(
+    s: torch.Tensor, m: torch.Tensor, beta: float, delta1: torch.Tensor, delta_b: torch.Tensor
+) -> torch.Tensor:
+    t = s - m[:, None]
+    return s.copy_(torch.exp((1.0 + beta) * t - delta1[:, None]) - torch.exp(beta * t - delta_b[:, None]))
 
 
 class BlockOps:
@@ -166,28 +185,47 @@ class BlockOps:
         """Whether blocks on ``device`` in ``dtype`` run compiled kernels (compiles them on first call)."""
         return False
 
-    def neg_lse(self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor) -> torch.Tensor:
-        """``LSE`` over negatives; the eager form writes sentinels at ``same_idx[n, P]`` and destroys ``s``."""
+    def neg_lse(
+        self,
+        s: torch.Tensor,
+        a_lab: torch.Tensor,
+        c_lab: torch.Tensor,
+        has: torch.Tensor,
+        same_idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`lse_` over negatives; the eager form writes sentinels at ``same_idx[n, P]`` (destroys ``s``)."""
         return lse_(s.scatter_(1, same_idx, sentinel(s.dtype)), has)
 
     def neg_lse_pair(
-        self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor, beta: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(LSE(beta s), LSE((1+beta) s))`` over negatives (see :func:`lse_pair_`)."""
+        self,
+        s: torch.Tensor,
+        a_lab: torch.Tensor,
+        c_lab: torch.Tensor,
+        has: torch.Tensor,
+        same_idx: torch.Tensor,
+        beta: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`lse_pair_` over negatives."""
         return lse_pair_(s.scatter_(1, same_idx, sentinel(s.dtype)), has, beta)
 
-    def others_lse(self, s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-        """``LSE`` over every column but the anchor's own."""
+    def others_lse(
+        self, s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`lse_` over every column but the anchor's own."""
         return lse_(s.scatter_(1, self_col, sentinel(s.dtype)), has)
 
-    def exp_shift_(self, s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
-        return exp_shift_(s, scale, shift)
+    def exp_shift_(self, s: torch.Tensor, m: torch.Tensor, scale: float, delta: torch.Tensor) -> torch.Tensor:
+        return exp_shift_(s, m, scale, delta)
 
-    def quadratic_(self, s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return quadratic_(s, shift, e)
+    def quadratic_(
+        self, s: torch.Tensor, m: torch.Tensor, delta: torch.Tensor, e: torch.Tensor
+    ) -> torch.Tensor:
+        return quadratic_(s, m, delta, e)
 
-    def grad_general_(self, s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor) -> torch.Tensor:
-        return grad_general_(s, beta, shift1, shift_b)
+    def grad_general_(
+        self, s: torch.Tensor, m: torch.Tensor, beta: float, delta1: torch.Tensor, delta_b: torch.Tensor
+    ) -> torch.Tensor:
+        return grad_general_(s, m, beta, delta1, delta_b)
 
 
 class _CompiledOps(BlockOps):
@@ -212,33 +250,54 @@ class _CompiledOps(BlockOps):
             self._compiled[name] = torch.compile(self._FNS[name], dynamic=True)
         return self._compiled[name](s, *args)
 
-    def neg_lse(self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor) -> torch.Tensor:
+    def neg_lse(
+        self,
+        s: torch.Tensor,
+        a_lab: torch.Tensor,
+        c_lab: torch.Tensor,
+        has: torch.Tensor,
+        same_idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._usable(s):
             return super().neg_lse(s, a_lab, c_lab, has, same_idx)
         return self._run("neg_lse", s, a_lab, c_lab, has)
 
     def neg_lse_pair(
-        self, s: torch.Tensor, a_lab: torch.Tensor, c_lab: torch.Tensor, has: torch.Tensor, same_idx: torch.Tensor, beta: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        s: torch.Tensor,
+        a_lab: torch.Tensor,
+        c_lab: torch.Tensor,
+        has: torch.Tensor,
+        same_idx: torch.Tensor,
+        beta: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._usable(s):
             return super().neg_lse_pair(s, a_lab, c_lab, has, same_idx, beta)
         return self._run("neg_lse_pair", s, a_lab, c_lab, has, beta)
 
-    def others_lse(self, s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    def others_lse(
+        self, s: torch.Tensor, self_col: torch.Tensor, has: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._usable(s):
             return super().others_lse(s, self_col, has)
         return self._run("others_lse", s, self_col, has)
 
-    def exp_shift_(self, s: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
-        return self._run("exp_shift_", s, scale, shift) if self._usable(s) else exp_shift_(s, scale, shift)
+    def exp_shift_(self, s: torch.Tensor, m: torch.Tensor, scale: float, delta: torch.Tensor) -> torch.Tensor:
+        return (
+            self._run("exp_shift_", s, m, scale, delta) if self._usable(s) else exp_shift_(s, m, scale, delta)
+        )
 
-    def quadratic_(self, s: torch.Tensor, shift: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return self._run("quadratic_", s, shift, e) if self._usable(s) else quadratic_(s, shift, e)
+    def quadratic_(
+        self, s: torch.Tensor, m: torch.Tensor, delta: torch.Tensor, e: torch.Tensor
+    ) -> torch.Tensor:
+        return self._run("quadratic_", s, m, delta, e) if self._usable(s) else quadratic_(s, m, delta, e)
 
-    def grad_general_(self, s: torch.Tensor, beta: float, shift1: torch.Tensor, shift_b: torch.Tensor) -> torch.Tensor:
+    def grad_general_(
+        self, s: torch.Tensor, m: torch.Tensor, beta: float, delta1: torch.Tensor, delta_b: torch.Tensor
+    ) -> torch.Tensor:
         if not self._usable(s):
-            return grad_general_(s, beta, shift1, shift_b)
-        return self._run("grad_general_", s, beta, shift1, shift_b)
+            return grad_general_(s, m, beta, delta1, delta_b)
+        return self._run("grad_general_", s, m, beta, delta1, delta_b)
 
     def compiled_for(self, device: torch.device, dtype: torch.dtype) -> bool:
         key = (device.type, dtype)
@@ -260,9 +319,9 @@ class _CompiledOps(BlockOps):
             self.neg_lse(s, lab[:3], lab, has, None)
             self.neg_lse_pair(s, lab[:3], lab, has, None, 1.0)
             self.others_lse(s, lab[:3, None], has)
-            self.exp_shift_(s.clone(), 1.0, v)
-            self.quadratic_(s.clone(), v, v)
-            self.grad_general_(s.clone(), 2.0, v, v)
+            self.exp_shift_(s.clone(), v, 2.0, v)
+            self.quadratic_(s.clone(), v, v, v)
+            self.grad_general_(s.clone(), v, 2.0, v, v)
         except Exception as err:  # noqa: BLE001 - any compiler failure means "use eager"
             logger.warning(
                 "torch.compile of the contrastive-loss block kernels failed on %s/%s (%s: %s); "

@@ -78,11 +78,20 @@ def _log(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class NegStats:
-    """Per-row statistics of the (hard-negative weighted) negative sum."""
+    """Per-row statistics of the (hard-negative weighted) negative sum, with ``t = s - m``.
 
-    l1: torch.Tensor  # LSE_N((1+b) s), 0 where no negatives
-    lb: torch.Tensor  # LSE_N(b s), 0 where no negatives (log|N| for b = 0)
-    log_ng: torch.Tensor  # log sum_k w_ik e^{s_ik}; -inf where no negatives
+    ``LSE_N(b s) = b m + log_sb`` and ``LSE_N((1+b) s) = (1+b) m + log_s1``; ``log_sb = log|N|`` for ``b = 0``.
+    """
+
+    m: torch.Tensor  # row max over the negatives, 0 where none
+    log_sb: torch.Tensor  # log sum_N e^{b t}, 0 where no negatives
+    log_s1: torch.Tensor  # log sum_N e^{(1+b) t}, 0 where no negatives
+    log_ng: torch.Tensor  # log sum_k w_ik e^{s_ik} = log|N| + m + log_s1 - log_sb; -inf where no negatives
+
+    N_ROWS = 4
+
+    def rows(self) -> list[torch.Tensor]:
+        return [self.m, self.log_sb, self.log_s1, self.log_ng]
 
 
 def neg_stats(ops: BlockOps, blk: Block, beta: float) -> NegStats:
@@ -90,13 +99,14 @@ def neg_stats(ops: BlockOps, blk: Block, beta: float) -> NegStats:
     has = blk.n_neg > 0
     log_n = torch.log(blk.n_neg.to(blk.s.dtype).clamp(min=1))
     if beta == 0.0:
-        l1, lb = ops.neg_lse(blk.s, blk.a_lab, blk.c_lab, has, blk.idx), log_n
+        m, log_s1 = ops.neg_lse(blk.s, blk.a_lab, blk.c_lab, has, blk.idx)
+        log_sb = log_n
     else:
-        lb, l1 = ops.neg_lse_pair(blk.s, blk.a_lab, blk.c_lab, has, blk.idx, beta)
+        m, log_sb, log_s1 = ops.neg_lse_pair(blk.s, blk.a_lab, blk.c_lab, has, blk.idx, beta)
     zero = torch.zeros_like(log_n)
-    l1, lb = torch.where(has, l1, zero), torch.where(has, lb, zero)
-    log_ng = torch.where(has, log_n + l1 - lb, torch.full_like(l1, _NINF))
-    return NegStats(l1, lb, log_ng)
+    log_sb, log_s1 = torch.where(has, log_sb, zero), torch.where(has, log_s1, zero)
+    log_ng = torch.where(has, log_n + m + log_s1 - log_sb, torch.full_like(m, _NINF))
+    return NegStats(m, log_sb, log_s1, log_ng)
 
 
 def neg_grad_sign(beta: float, detach: bool) -> float:
@@ -104,25 +114,28 @@ def neg_grad_sign(beta: float, detach: bool) -> float:
     return -1.0 if beta == 1.0 and not detach else 1.0
 
 
-def neg_grad(ops: BlockOps, blk: Block, st: NegStats, c: torch.Tensor, beta: float, detach: bool) -> torch.Tensor:
+def neg_grad(
+    ops: BlockOps, blk: Block, st: NegStats, c: torch.Tensor, beta: float, detach: bool
+) -> torch.Tensor:
     """``H`` with ``neg_grad_sign * H = c_i * d log Ng_i / d s_ik`` on negative columns (``c >= 0``).
 
-    Same-label columns hold values without meaning (possibly inf or NaN): the caller overwrites them.
-    ``d log Ng / d s_k = (1+b) e^{(1+b) s_k - l1} - b e^{b s_k - lb}`` (only the first term, without its ``1+b``,
-    when the weights are detached). For ``b = 1``, with ``q = e^{s - lb}`` and ``k = e^{2 lb - l1}``:
-    ``c (2 k q^2 - q) = -X (1 + E - X)`` where ``X = sqrt(2c) e^{s - l1/2}`` and ``E = sqrt(c/2) e^{l1/2 - lb} - 1``,
-    which one exp and one lerp compute in place.
+    Same-label columns hold values without meaning (possibly inf or NaN): the caller overwrites them. With
+    ``t = s - m``: ``d log Ng / d s_k = (1+b) e^{(1+b) t_k - log_s1} - b e^{b t_k - log_sb}`` (only the first
+    term, without its ``1+b``, when the weights are detached). For ``b = 1``, with ``q = e^t / S1``:
+    ``c (2 q^2 S1^2 / S2 - q) = -X (1 + E - X)`` where ``X = sqrt(2c / S2) e^t`` and ``E = sqrt(c S2 / 2) / S1 - 1``
+    (``S1 = e^{log_sb}``, ``S2 = e^{log_s1}``), which one exp and one lerp compute in place. The factor ``c``
+    enters as a shift of ``t`` (``c e^x = e^{x + log c}``), applied after ``m``.
     """
     s = blk.s
     log_c = _log(c)
     if beta == 0.0 or detach:
-        return ops.exp_shift_(s, 1.0 + beta, st.l1 - log_c)
+        return ops.exp_shift_(s, st.m, 1.0 + beta, st.log_s1 - log_c)
     if beta == 1.0:
-        e = torch.exp(0.5 * (log_c - _LOG2 + st.l1) - st.lb) - 1.0
-        return ops.quadratic_(s, 0.5 * (st.l1 - log_c - _LOG2), e)
-    shift1 = st.l1 - log_c - math.log1p(beta)
-    shift_b = st.lb - log_c - math.log(beta)
-    return ops.grad_general_(s, beta, shift1, shift_b)
+        e = torch.exp(0.5 * (log_c - _LOG2 + st.log_s1) - st.log_sb) - 1.0
+        return ops.quadratic_(s, st.m, 0.5 * (st.log_s1 - log_c - _LOG2), e)
+    delta1 = st.log_s1 - log_c - math.log1p(beta)
+    delta_b = st.log_sb - log_c - math.log(beta)
+    return ops.grad_general_(s, st.m, beta, delta1, delta_b)
 
 
 class RowKernel:
@@ -148,7 +161,7 @@ class RowKernel:
 class SCHaNeKernel(RowKernel):
     """SCHaNe: ``-log(pos_i / (pos_i + sum_k w_ik e^{s_ik}))`` with ``w`` the hard-negative weights."""
 
-    n_stats = 5
+    n_stats = NegStats.N_ROWS + 2
 
     def __init__(self, beta: float, positive_mode: str, detach_weights: bool, ops: BlockOps) -> None:
         super().__init__(ops)
@@ -167,18 +180,17 @@ class SCHaNeKernel(RowKernel):
             v = F.softplus(st.log_ng[:, None] - blk.sp)
             loss = torch.where(blk.valid, v, 0.0).sum(dim=1) / npos
             a = torch.zeros_like(lse_p)
-        return loss, torch.stack([st.l1, st.lb, st.log_ng, lse_p, a])
+        return loss, torch.stack([*st.rows(), lse_p, a])
 
     def grad_rows(self, blk: Block, stats: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, float]:
-        st = NegStats(stats[0], stats[1], stats[2])
-        lse_p, a = stats[3], stats[4]
+        st = NegStats(*stats[: NegStats.N_ROWS])
+        lse_p, a = stats[NegStats.N_ROWS], stats[NegStats.N_ROWS + 1]
         sign = neg_grad_sign(self.beta, self.detach)
         if self.mode == "mean":
-            # -c * softmax_P(sp), times sign (-1 for beta = 1): exp with log c folded into the shift
             c = g * torch.sigmoid(a)
-            gp = torch.exp(blk.sp - (lse_p - torch.log(c))[:, None])
-            if sign > 0:
-                gp.neg_()
+            gp = (
+                torch.sub(blk.sp, lse_p[:, None]).exp_().mul_((-sign) * c[:, None])
+            )  # -c softmax_P(sp), signed
         else:
             v = torch.where(blk.valid, torch.sigmoid(st.log_ng[:, None] - blk.sp), 0.0)
             w = g / blk.npos()
@@ -191,17 +203,17 @@ class SCHaNeKernel(RowKernel):
 class SupConKernel(RowKernel):
     """SupCon L_out: ``-mean_p log(e^{s_ip} / sum_{a != i} e^{s_ia})``."""
 
-    n_stats = 1
+    n_stats = 2
 
     def forward_rows(self, blk: Block) -> tuple[torch.Tensor, torch.Tensor]:
         has = (blk.n_pos + blk.n_neg) > 0
         mean_pos = torch.where(blk.valid, blk.sp, 0.0).sum(dim=1) / blk.npos()
-        lse = self.ops.others_lse(blk.s, blk.self_col, has)
-        return lse - mean_pos, lse[None]
+        m, log_s = self.ops.others_lse(blk.s, blk.self_col, has)
+        return m + log_s - mean_pos, torch.stack([m, log_s])
 
     def grad_rows(self, blk: Block, stats: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, float]:
         # g * softmax over all columns, then 0 at the anchor itself and -g/|P| added at its positives
-        h = self.ops.exp_shift_(blk.s, 1.0, stats[0] - _log(g)).scatter_(1, blk.self_col, 0.0)
+        h = self.ops.exp_shift_(blk.s, stats[0], 1.0, stats[1] - _log(g)).scatter_(1, blk.self_col, 0.0)
         gp = torch.where(blk.valid, (-g / blk.npos())[:, None], 0.0)
         return h.scatter_add_(1, blk.idx, gp), 1.0
 
@@ -213,7 +225,7 @@ class HardNegativeKernel(RowKernel):
     ``loss_i = mean_p -log(e^{s_ip} / (e^{s_ip} + Ng_ip))``.
     """
 
-    n_stats = 3
+    n_stats = NegStats.N_ROWS
 
     def __init__(self, beta: float, tau_plus: float, temperature: float, ops: BlockOps) -> None:
         super().__init__(ops)
@@ -221,7 +233,9 @@ class HardNegativeKernel(RowKernel):
         self.tau_plus = tau_plus
         self.inv_t = 1.0 / temperature
 
-    def _pair_terms(self, sp: torch.Tensor, log_ng: torch.Tensor, n_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _pair_terms(
+        self, sp: torch.Tensor, log_ng: torch.Tensor, n_neg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per positive pair (on ``sp[n, P]``): ``log Ng_ip``, whether the clamp is inactive, and ``t``."""
         has_neg = (n_neg > 0)[:, None]
         log_n = torch.log(n_neg.to(sp.dtype).clamp(min=1))[:, None]
@@ -246,10 +260,10 @@ class HardNegativeKernel(RowKernel):
         log_ngt, _, _ = self._pair_terms(blk.sp, st.log_ng, blk.n_neg)
         v = F.softplus(log_ngt - blk.sp)
         loss = torch.where(blk.valid, v, 0.0).sum(dim=1) / blk.npos()
-        return loss, torch.stack([st.l1, st.lb, st.log_ng])
+        return loss, torch.stack(st.rows())
 
     def grad_rows(self, blk: Block, stats: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, float]:
-        st = NegStats(stats[0], stats[1], stats[2])
+        st = NegStats(*stats)
         log_ngt, unclamped, t = self._pair_terms(blk.sp, st.log_ng, blk.n_neg)
         v = torch.where(blk.valid, torch.sigmoid(log_ngt - blk.sp), 0.0)
         if t is None:

@@ -63,7 +63,9 @@ def unit_rows(x: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
     """
     z, norm = _UnitRows.apply(x)
     if not bool(torch.isfinite(norm).all()):
-        check_finite(x, name)  # a norm can also overflow on finite values; those rows become 0, as with F.normalize
+        check_finite(
+            x, name
+        )  # a norm can also overflow on finite values; those rows become 0, as with F.normalize
     return z
 
 
@@ -127,7 +129,14 @@ def _make_block(
     idx, valid = positions
     count = index.count[sl]
     return Block(
-        s, index.a_labels[sl], index.c_labels, idx, valid, index.self_idx[sl, None], s.gather(1, idx), count - 1,
+        s,
+        index.a_labels[sl],
+        index.c_labels,
+        idx,
+        valid,
+        index.self_idx[sl, None],
+        s.gather(1, idx),
+        count - 1,
         m - count,
     )
 

@@ -380,7 +380,7 @@ def _md_correctness(rows: list[dict]) -> list[str]:
         if sel:
             out.append(
                 f"| {p} | {sel[0]['emb_dtype']} | {max(r['value_rel_err'] for r in sel):.1e} | "
-                f"{max(r['grad_rel_err'] for r in sel):.1e} | {TOLERANCES[p][0]:.0e}, {TOLERANCES[p][1]:.0e} |"
+                f"{max(r['grad_rel_err'] for r in sel):.1e} | {TOLERANCES[p][0]:.1e}, {TOLERANCES[p][1]:.1e} |"
             )
     if bad:
         out += ["", "Failures:", "", "| loss | precision | path | backend | value error | gradient error |"]

@@ -14,9 +14,15 @@ set size caused by that one forward+backward: the peak mark (``VmHWM``) is reset
 ``/proc/self/clear_refs`` after the inputs exist and a small warm-up call, and read afterwards (Linux).
 This counts every allocation torch makes on the CPU, including temporaries.
 
+``--floor`` compares instead with the *matmul floor*: the four products that any implementation recomputing
+the similarities in backward needs (``s = A C^T`` in forward, ``s`` again in backward, ``G C`` and ``G^T A``),
+timed as plain ``torch`` products on the same inputs, interleaved with ``SCHaNeLoss`` (eager and compiled block
+kernels), ``SupConLoss`` and PML ``SupConLoss``; it prints each method's time as a ratio to the floor.
+
 Usage:
     python benchmarks/loss_speed.py                         # N in 512 2048 4096 8192
     python benchmarks/loss_speed.py --sizes 512 2048 --repeats 3
+    python benchmarks/loss_speed.py --floor                 # N in 2048 4096, median of 5, vs the matmul floor
 """
 
 from __future__ import annotations
@@ -65,9 +71,46 @@ def release_style_loop(embeddings: torch.Tensor, labels: torch.Tensor, tau: floa
     return torch.stack(losses).mean()
 
 
-def _methods(temperature: float = TAU):
+def matmul_floor(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four ``[N, N]``-sized products of a recomputing contrastive loss, and nothing else.
+
+    Forward ``s = A C^T``; backward ``s`` again, then ``G C`` and ``G^T A`` (``G`` = the recomputed ``s``
+    standing in for the gradient block). Normalisation and scaling are done by the caller, outside the timing.
+    """
+    a = c = embeddings.detach()
+    s = a @ c.T
+    del s
+    g = a @ c.T
+    d_a = g @ c
+    d_c = g.T @ a
+    return d_a, d_c
+
+
+class _Floor:
+    """The matmul floor as a method: :func:`_step` times :func:`matmul_floor` on a normalised copy of ``x``."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised copy of ``x`` (made once per input tensor, outside the timing)."""
+        key = id(x)
+        if key not in self._cache:
+            self._cache = {key: F.normalize(x.detach(), dim=1)}
+        return self._cache[key]
+
+
+def _methods(temperature: float = TAU, floor: bool = False):
     from pytorch_metric_learning.losses import SupConLoss as PMLSupCon
 
+    if floor:
+        return {
+            "matmul floor": _Floor(),
+            "SCHaNeLoss": SCHaNeLoss(temperature=temperature, beta=BETA, backend="eager"),
+            "SCHaNeLoss (backend=compile)": SCHaNeLoss(temperature=temperature, beta=BETA, backend="compile"),
+            "SupConLoss": SupConLoss(temperature=temperature, backend="eager"),
+            "PML SupConLoss": PMLSupCon(temperature=temperature),
+        }
     return {
         "SCHaNeLoss": SCHaNeLoss(temperature=temperature, beta=BETA),
         "SupConLoss": SupConLoss(temperature=temperature),
@@ -82,26 +125,34 @@ def _inputs(n: int, seed: int = 0):
 
 
 def _step(fn, x, y) -> float:
+    if isinstance(fn, _Floor):
+        z = fn.prepare(x)
+        t0 = time.perf_counter()
+        matmul_floor(z, y)
+        return time.perf_counter() - t0
     x = x.clone().requires_grad_()
     t0 = time.perf_counter()
     fn(x, y).backward()
     return time.perf_counter() - t0
 
 
-def memory_child(method: str, n: int) -> None:
+def memory_child(method: str, n: int, floor: bool = False) -> None:
     """Runs in a fresh process: print the peak-RSS growth (MB) of one forward+backward."""
-    fn = _methods()[method]
+    fn = _methods(floor=floor)[method]
     x, y = _inputs(n)
     xs, ys = _inputs(64, seed=1)
-    _step(fn, xs, ys)  # load kernels, allocator warm-up
+    _step(fn, xs, ys)  # load kernels, compile, allocator warm-up
+    if isinstance(fn, _Floor):
+        fn.prepare(x)  # its normalised copy of x is an input, not part of the peak
     base = reset_peak_rss()
     _step(fn, x, y)
     print(json.dumps({"peak_mb": status_mb("VmHWM") - base}))
 
 
-def measure_memory(method: str, n: int) -> float:
+def measure_memory(method: str, n: int, floor: bool = False) -> float:
+    extra = ["--floor"] if floor else []
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", method, str(n)],
+        [sys.executable, __file__, "--memory-child", method, str(n), *extra],
         check=True,
         capture_output=True,
         text=True,
@@ -111,16 +162,23 @@ def measure_memory(method: str, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 4096, 8192])
+    ap.add_argument("--sizes", type=int, nargs="+", default=None)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per N (median reported)")
     ap.add_argument("--loop-max-n", type=int, default=2048, help="largest N at which the loop is run (once)")
     ap.add_argument("--loop-mem-max-n", type=int, default=512, help="largest N for the loop's memory run")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true", help="compare with the matmul floor (N 2048 4096, median of 5)")
     args = ap.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        memory_child(args.memory_child[0], int(args.memory_child[1]), floor=args.floor)
         return
+    args.sizes_given = args.sizes is not None
+    if args.floor:
+        floor_main(args)
+        return
+    if args.sizes is None:
+        args.sizes = [512, 2048, 4096, 8192]
 
     methods = _methods()
     results: dict[tuple[str, int], dict] = {}
@@ -193,6 +251,59 @@ def main() -> None:
             ratio = f"{t / pml:.2f}" if t is not None and pml else "-"
             loop = f"{t / sch:.0f}x" if m == "per-anchor loop" and t is not None and sch else ""
             print(f"| {n} | {m} | {ts} | {mem} | {ratio} | {loop} |")
+
+
+def _load() -> str:
+    return "load average " + " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+def floor_main(args: argparse.Namespace) -> None:
+    """``--floor``: every method interleaved with the matmul floor, median of ``--repeats`` (at least 5)."""
+    sizes = args.sizes if args.sizes_given else [2048, 4096]
+    repeats = max(args.repeats, 5)
+    methods = _methods(floor=True)
+    load_before = _load()
+    results: dict[tuple[str, int], dict] = {}
+    for n in sizes:
+        x, y = _inputs(n)
+        for fn in methods.values():  # warm-up at this size (compiles the compiled kernels)
+            _step(fn, x, y)
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for r in range(repeats):
+            order = list(methods.items())
+            order = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
+            for m, fn in order:
+                times[m].append(_step(fn, x, y))
+        for m in methods:
+            results[(m, n)] = {"time": statistics.median(times[m]), "all": times[m]}
+            if not args.no_memory:
+                results[(m, n)]["peak_mb"] = measure_memory(m, n, floor=True)
+        print(
+            f"N={n} done: " + ", ".join(f"{m}={results[(m, n)]['time']:.3f}s" for m in methods),
+            file=sys.stderr,
+            flush=True,
+        )
+    cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    print(f"Command: `{cmd}`  ")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={D}, {CLASSES} classes, "
+        f"tau={TAU}, beta={BETA}, fwd+bwd median of {repeats}  "
+    )
+    print(f"Load: before {load_before}; after {_load()}\n")
+    print("| N | method | fwd+bwd time (ms) | vs floor | vs PML SupCon | peak memory (MB) | all runs (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for n in sizes:
+        fl = results[("matmul floor", n)]["time"]
+        pml = results[("PML SupConLoss", n)]["time"]
+        for m in methods:
+            e = results[(m, n)]
+            mem = f"{e['peak_mb']:.0f}" if "peak_mb" in e else "-"
+            runs = " ".join(f"{v * 1e3:.0f}" for v in e["all"])
+            print(
+                f"| {n} | {m} | {e['time'] * 1e3:.0f} | {e['time'] / fl:.2f}x | {e['time'] / pml:.2f} | {mem} | "
+                f"{runs} |"
+            )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every loss takes ``embeddings[N, D]`` (views concatenated along N), ``labels[N]`` and optional
 ``ref_embeddings[M, D]``/``ref_labels[M]`` (extra contrast samples, e.g. a memory queue), works in log space
 with float32 (or float64) similarities whatever the input dtype, and supports ``gather_distributed`` and
-``chunk_size``.
+``chunk_size``. The dense per-block work runs eagerly or, with ``backend="compile"`` (or the environment variable
+``SCHANE_LOSS_BACKEND=compile``), through ``torch.compile``.
 
 Example:
     >>> import torch
@@ -36,6 +37,7 @@ def build_contrastive_loss(
     chunk_size: int | None = None,
     normalize: bool = True,
     detach_weights: bool = False,
+    backend: str | None = None,
 ) -> nn.Module:
     """Build a contrastive loss by name.
 
@@ -49,6 +51,7 @@ def build_contrastive_loss(
         chunk_size: anchor rows per chunk, ``None`` = unchunked.
         normalize: L2-normalise embeddings.
         detach_weights: constant hard-negative weights in backward (schane only).
+        backend: block kernels, ``"eager"`` or ``"compile"``; ``None`` = ``$SCHANE_LOSS_BACKEND``, else eager.
 
     Returns:
         The loss module; its class attribute ``supervised`` says whether labels are classes or instance ids.
@@ -56,7 +59,12 @@ def build_contrastive_loss(
     Raises:
         ValueError: on an unknown name or bad hyper-parameters.
     """
-    common = {"normalize": normalize, "gather_distributed": gather_distributed, "chunk_size": chunk_size}
+    common = {
+        "normalize": normalize,
+        "gather_distributed": gather_distributed,
+        "chunk_size": chunk_size,
+        "backend": backend,
+    }
     if temperature is not None:
         common["temperature"] = temperature
     if name == "schane":

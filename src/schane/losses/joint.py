@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import check_label_smoothing, check_lam
+
 
 class JointLossOutput(NamedTuple):
     """Total loss and its components; a component that was not computed is ``None``."""
@@ -36,18 +38,16 @@ class JointLoss(nn.Module):
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
 
     Raises:
-        ValueError: if ``lam`` is outside [0, 1] or ``label_smoothing`` outside [0, 1).
+        ValueError: if ``lam`` is not a number in [0, 1] or ``label_smoothing`` not a number in [0, 1) (bools are
+            not numbers here).
     """
 
     def __init__(self, contrastive: nn.Module | None, lam: float = 0.9, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
-            raise ValueError(f"lam must be in [0, 1], got {lam!r}")
-        if not (0.0 <= label_smoothing < 1.0):
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        lam = check_lam(lam)
         self.contrastive = contrastive
-        self.lam = float(lam) if contrastive is not None else 0.0
-        self.label_smoothing = float(label_smoothing)
+        self.lam = lam if contrastive is not None else 0.0
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def forward(
         self,
@@ -72,7 +72,8 @@ class JointLoss(nn.Module):
             ``JointLossOutput(total, contrastive, ce)``.
 
         Raises:
-            ValueError: on shape mismatches or missing embeddings.
+            ValueError: on shape mismatches, missing embeddings, or NaN/inf in ``logits`` (when CE is computed,
+                i.e. ``lam < 1``).
         """
         ce = None
         con = None
@@ -87,6 +88,11 @@ class JointLoss(nn.Module):
                 raise ValueError(
                     f"labels must be 1-D of length {logits.shape[0]} (rows of logits), "
                     f"got {getattr(labels, 'shape', type(labels))}"
+                )
+            if logits.is_floating_point() and not bool(torch.isfinite(logits.detach()).all()):
+                raise ValueError(
+                    "logits contain NaN or inf, so the cross-entropy would be NaN; check the model output "
+                    "(e.g. lower the learning rate or use bf16 instead of fp16)"
                 )
             ce = F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
         if self.lam > 0.0:

@@ -11,7 +11,8 @@ are all other instances; per positive pair,
   ``w_ik = exp(beta s_ik) / mean_k' exp(beta s_ik')`` (importance weights of hard negatives; ``tau_plus``
   corrects for same-class "negatives"; the clamp is that of the reference implementation).
 
-The loss is the mean over positive pairs of an anchor, then over anchors.
+The loss is the mean over positive pairs of an anchor, then over anchors. All-zero rows are handled as in
+:mod:`schane.losses.schane` (zero vector, zero gradient).
 
 Example:
     >>> import torch
@@ -26,8 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._logspace import HardNegativeKernel, SCHaNeKernel, contrastive_loss
-from ._validation import check_beta, check_chunk_size, check_tau_plus, check_temperature
+from ._kernels import HardNegativeKernel, SCHaNeKernel
+from ._logspace import contrastive_loss
+from ._validation import check_backend, check_beta, check_chunk_size, check_tau_plus, check_temperature
 
 
 def two_view_ids(n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -59,14 +61,24 @@ def ntxent_loss(
     normalize: bool = True,
     gather_distributed: bool = False,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Functional NT-Xent; see :class:`NTXentLoss`.
+
+    Args:
+        embeddings: ``[N, D]`` floating point.
+        labels: ``[N]`` instance ids, or ``None`` for two views concatenated along N.
+        ref_embeddings: ``[M, D]`` extra contrast samples, or ``None``.
+        ref_labels: ``[M]`` their ids, or ``None``.
+
+    Returns:
+        Scalar loss.
 
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
     return contrastive_loss(
-        SCHaNeKernel(0.0, "each", False),
+        lambda ops: SCHaNeKernel(0.0, "each", False, ops),
         embeddings,
         _ids(embeddings, labels),
         ref_embeddings,
@@ -75,6 +87,7 @@ def ntxent_loss(
         normalize=normalize,
         gather_distributed=gather_distributed,
         chunk_size=check_chunk_size(chunk_size),
+        backend=check_backend(backend),
     )
 
 
@@ -90,15 +103,26 @@ def hard_negative_ntxent_loss(
     normalize: bool = True,
     gather_distributed: bool = False,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Functional hard-negative NT-Xent; see :class:`HardNegativeNTXentLoss`.
+
+    Args:
+        embeddings: ``[N, D]`` floating point.
+        labels: ``[N]`` instance ids, or ``None`` for two views concatenated along N.
+        ref_embeddings: ``[M, D]`` extra contrast samples, or ``None``.
+        ref_labels: ``[M]`` their ids, or ``None``.
+
+    Returns:
+        Scalar loss.
 
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
     t = check_temperature(temperature)
+    b, tp = check_beta(beta), check_tau_plus(tau_plus)
     return contrastive_loss(
-        HardNegativeKernel(check_beta(beta), check_tau_plus(tau_plus), t),
+        lambda ops: HardNegativeKernel(b, tp, t, ops),
         embeddings,
         _ids(embeddings, labels),
         ref_embeddings,
@@ -107,6 +131,7 @@ def hard_negative_ntxent_loss(
         normalize=normalize,
         gather_distributed=gather_distributed,
         chunk_size=check_chunk_size(chunk_size),
+        backend=check_backend(backend),
     )
 
 
@@ -118,6 +143,7 @@ class NTXentLoss(nn.Module):
         normalize: L2-normalise embeddings first.
         gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
         chunk_size: see :class:`schane.losses.SCHaNeLoss`.
+        backend: see :class:`schane.losses.SCHaNeLoss`.
 
     Shapes:
         ``forward(embeddings[N, D], labels[N] | None, ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``;
@@ -135,12 +161,14 @@ class NTXentLoss(nn.Module):
         normalize: bool = True,
         gather_distributed: bool = False,
         chunk_size: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.normalize = bool(normalize)
         self.gather_distributed = bool(gather_distributed)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.backend = check_backend(backend)
 
     def forward(
         self,
@@ -159,6 +187,7 @@ class NTXentLoss(nn.Module):
             normalize=self.normalize,
             gather_distributed=self.gather_distributed,
             chunk_size=self.chunk_size,
+            backend=self.backend,
         )
 
 
@@ -172,6 +201,7 @@ class HardNegativeNTXentLoss(nn.Module):
         normalize: L2-normalise embeddings first.
         gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
         chunk_size: see :class:`schane.losses.SCHaNeLoss`.
+        backend: see :class:`schane.losses.SCHaNeLoss`.
 
     Raises:
         ValueError: on bad hyper-parameters or inputs.
@@ -187,6 +217,7 @@ class HardNegativeNTXentLoss(nn.Module):
         normalize: bool = True,
         gather_distributed: bool = False,
         chunk_size: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
@@ -195,6 +226,7 @@ class HardNegativeNTXentLoss(nn.Module):
         self.normalize = bool(normalize)
         self.gather_distributed = bool(gather_distributed)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.backend = check_backend(backend)
 
     def forward(
         self,
@@ -215,4 +247,5 @@ class HardNegativeNTXentLoss(nn.Module):
             normalize=self.normalize,
             gather_distributed=self.gather_distributed,
             chunk_size=self.chunk_size,
+            backend=self.backend,
         )

@@ -12,6 +12,10 @@ With ``s_ij = z_i . z_j / tau`` (``z`` L2-normalised when ``normalize``), positi
 The loss is the mean of ``l_i`` over anchors with at least one positive (a zero connected to the graph when
 there is none). ``beta=0`` gives the unweighted label-aware loss.
 
+With ``normalize=True`` an all-zero embedding row (norm ``<= 1e-12``) has no direction: it is used as the zero
+vector (similarity 0 to every other sample) and receives an exactly zero gradient, rather than the ``1e12``-fold
+amplified gradient that ``F.normalize`` would give it.
+
 Example:
     >>> import torch
     >>> from schane.losses import SCHaNeLoss
@@ -27,8 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._logspace import SCHaNeKernel, contrastive_loss
-from ._validation import check_beta, check_chunk_size, check_positive_mode, check_temperature
+from ._kernels import SCHaNeKernel
+from ._logspace import contrastive_loss
+from ._validation import check_backend, check_beta, check_chunk_size, check_positive_mode, check_temperature
 
 
 def schane_loss(
@@ -44,8 +49,15 @@ def schane_loss(
     detach_weights: bool = False,
     gather_distributed: bool = False,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Functional SCHaNe loss; see :class:`SCHaNeLoss` for the arguments.
+
+    Args:
+        embeddings: ``[N, D]`` floating point, views concatenated along N.
+        labels: ``[N]`` integer class labels.
+        ref_embeddings: ``[M, D]`` extra contrast samples, or ``None``.
+        ref_labels: ``[M]`` their labels, or ``None``.
 
     Returns:
         Scalar loss (float32, or float64 for float64 inputs).
@@ -53,9 +65,9 @@ def schane_loss(
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
-    kernel = SCHaNeKernel(check_beta(beta), check_positive_mode(positive_mode), bool(detach_weights))
+    b, mode, detach = check_beta(beta), check_positive_mode(positive_mode), bool(detach_weights)
     return contrastive_loss(
-        kernel,
+        lambda ops: SCHaNeKernel(b, mode, detach, ops),
         embeddings,
         labels,
         ref_embeddings,
@@ -64,6 +76,7 @@ def schane_loss(
         normalize=normalize,
         gather_distributed=gather_distributed,
         chunk_size=check_chunk_size(chunk_size),
+        backend=check_backend(backend),
     )
 
 
@@ -83,6 +96,8 @@ class SCHaNeLoss(nn.Module):
             without a process group.
         chunk_size: evaluate this many anchor rows at a time and recompute them in backward, so the
             ``[N, M]`` similarity matrix is never held whole; ``None`` = one block.
+        backend: block kernels, ``"eager"`` or ``"compile"`` (``torch.compile``, eager fallback if compilation
+            fails); ``None`` = the environment variable ``SCHANE_LOSS_BACKEND``, else ``"eager"``.
 
     Shapes:
         ``forward(embeddings[N, D], labels[N], ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``.
@@ -90,8 +105,9 @@ class SCHaNeLoss(nn.Module):
         ``embeddings`` plus ``ref_embeddings`` (self excluded).
 
     Raises:
-        ValueError: on ``temperature <= 0``, ``beta < 0``, unknown ``positive_mode``, bad ``chunk_size``, and in
-            ``forward`` on non-2-D or non-finite embeddings, wrong labels, or mismatched ref tensors.
+        ValueError: on ``temperature <= 0``, ``beta < 0`` (either a bool), unknown ``positive_mode``, bad
+            ``chunk_size`` or ``backend``, and in ``forward`` on non-2-D or non-finite embeddings, wrong labels, or
+            mismatched ref tensors.
     """
 
     supervised: bool = True
@@ -105,6 +121,7 @@ class SCHaNeLoss(nn.Module):
         detach_weights: bool = False,
         gather_distributed: bool = False,
         chunk_size: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
@@ -114,6 +131,7 @@ class SCHaNeLoss(nn.Module):
         self.detach_weights = bool(detach_weights)
         self.gather_distributed = bool(gather_distributed)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.backend = check_backend(backend)
 
     def forward(
         self,
@@ -135,6 +153,7 @@ class SCHaNeLoss(nn.Module):
             detach_weights=self.detach_weights,
             gather_distributed=self.gather_distributed,
             chunk_size=self.chunk_size,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

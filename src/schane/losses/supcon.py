@@ -2,7 +2,8 @@
 
 ``l_i = -1/|P(i)| sum_{p in P(i)} log(exp(s_ip) / sum_{a != i} exp(s_ia))`` with ``s = z_i . z_j / tau``,
 averaged over anchors that have at least one positive. Agrees with
-``pytorch_metric_learning.losses.SupConLoss`` whenever the batch has negatives.
+``pytorch_metric_learning.losses.SupConLoss`` whenever the batch has negatives. All-zero rows are handled as in
+:mod:`schane.losses.schane` (zero vector, zero gradient).
 
 Example:
     >>> import torch
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._logspace import SupConKernel, contrastive_loss
-from ._validation import check_chunk_size, check_temperature
+from ._kernels import SupConKernel
+from ._logspace import contrastive_loss
+from ._validation import check_backend, check_chunk_size, check_temperature
 
 
 def supcon_loss(
@@ -31,14 +33,24 @@ def supcon_loss(
     normalize: bool = True,
     gather_distributed: bool = False,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Functional SupCon loss; see :class:`SupConLoss` for the arguments.
+
+    Args:
+        embeddings: ``[N, D]`` floating point.
+        labels: ``[N]`` integer class labels.
+        ref_embeddings: ``[M, D]`` extra contrast samples, or ``None``.
+        ref_labels: ``[M]`` their labels, or ``None``.
+
+    Returns:
+        Scalar loss.
 
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
     return contrastive_loss(
-        SupConKernel(),
+        SupConKernel,
         embeddings,
         labels,
         ref_embeddings,
@@ -47,6 +59,7 @@ def supcon_loss(
         normalize=normalize,
         gather_distributed=gather_distributed,
         chunk_size=check_chunk_size(chunk_size),
+        backend=check_backend(backend),
     )
 
 
@@ -58,12 +71,14 @@ class SupConLoss(nn.Module):
         normalize: L2-normalise embeddings first.
         gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
         chunk_size: see :class:`schane.losses.SCHaNeLoss`.
+        backend: see :class:`schane.losses.SCHaNeLoss`.
 
     Shapes:
         ``forward(embeddings[N, D], labels[N], ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``.
 
     Raises:
-        ValueError: on ``temperature <= 0``, bad ``chunk_size`` or bad inputs to ``forward``.
+        ValueError: on ``temperature <= 0`` (or a bool), bad ``chunk_size`` or ``backend``, or bad inputs to
+            ``forward``.
     """
 
     supervised: bool = True
@@ -74,12 +89,14 @@ class SupConLoss(nn.Module):
         normalize: bool = True,
         gather_distributed: bool = False,
         chunk_size: int | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.normalize = bool(normalize)
         self.gather_distributed = bool(gather_distributed)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.backend = check_backend(backend)
 
     def forward(
         self,
@@ -98,6 +115,7 @@ class SupConLoss(nn.Module):
             normalize=self.normalize,
             gather_distributed=self.gather_distributed,
             chunk_size=self.chunk_size,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

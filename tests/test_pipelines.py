@@ -258,3 +258,19 @@ def test_old_checkpoints_keep_their_training_seed_hold_out(image_root, tmp_path)
     torch.save(state, tmp_path / "old.pt")
     _, cfg, _ = load_checkpoint_model(tmp_path / "old.pt")
     assert cfg.data.split_seed == 3
+
+
+def test_channels_last_is_auto_or_a_boolean():
+    from schane.engine.utils import resolve_channels_last
+    from schane.models import build_model
+
+    assert load_config(None, []).train.channels_last == "auto"
+    assert load_config(None, ["train.channels_last=true"]).train.channels_last is True
+    assert load_config(None, ["train.channels_last=false"]).train.channels_last is False
+    with pytest.raises(ValueError, match="train.channels_last"):
+        load_config(None, ["train.channels_last=sometimes"])
+    cfg = load_config(None, ["model.pretrained=false"])
+    conv = build_model(cfg.model, 3)
+    vit = build_model(load_config(None, ["model.backbone=test_vit", "model.pretrained=false"]).model, 3)
+    assert resolve_channels_last("auto", conv) and not resolve_channels_last("auto", vit)
+    assert resolve_channels_last(True, vit) and not resolve_channels_last(False, conv)

@@ -321,6 +321,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(value, _Scalar):
         if value.is_null and (tp is Any or type(None) in typing.get_args(tp)):
             return None
+        if bool in typing.get_args(tp) and value.tag.endswith(":bool") and not value.quoted:
+            return bool(value.typed())  # e.g. channels_last: bool | "auto"
         if _wants_str(tp):
             return str(value)
         if tp in (int, float) or type(None) in typing.get_args(tp) and set(typing.get_args(tp)) & {int, float}:

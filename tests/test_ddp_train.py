@@ -50,6 +50,10 @@ def test_two_process_gloo_run_matches_single_process(image_root, tmp_path, loss)
     assert len([r for r in recs if r["kind"] == "train_step"]) == 2
     a, b = load_checkpoint(d / "last.pt"), load_checkpoint(single.last_checkpoint)
     assert a["global_step"] == b["global_step"] == 2 and len(a["rng"]) == 2
-    init_diff = max((v - b["model"][k]).abs().max().item() for k, v in a["model"].items())
+    # Same global batches, same gradients up to float rounding. Adam divides each gradient by its own running
+    # magnitude, so for a weight whose gradient is ~0 a rounding difference can move it by a fraction of the
+    # learning rate; a wrong gather or scaling moves whole layers by many steps. Tolerance: 10% of one step.
+    atol = 0.1 * start[0]["peak_lr"]
+    worst = max((v - b["model"][k]).abs().max().item() for k, v in a["model"].items())
     for k, v in a["model"].items():
-        assert torch.allclose(v, b["model"][k], atol=2e-5, rtol=1e-4), (k, init_diff)
+        assert torch.allclose(v, b["model"][k], atol=atol, rtol=1e-4), (k, worst)

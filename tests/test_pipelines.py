@@ -211,15 +211,21 @@ def test_protocol_b_fine_tunes_with_the_run_loss_config(monkeypatch):
 
     def fake(model, episodes, support, ev, **kw):
         seen.update(kw)
-        return np.zeros(len(episodes))
+        return {s: np.arange(len(episodes)) + 10 * i for i, s in enumerate(kw["settings"])}
 
-    monkeypatch.setattr(fewshot, "evaluate_protocol_b", fake)
+    monkeypatch.setattr(fewshot, "evaluate_protocol_b_grid", fake)
     cfg = load_config(None, ["fewshot.protocol=B", "fewshot.finetune_loss=joint", "loss.positive_mode=each",
-                             "loss.lam=0.7", "loss.beta=0.5", "train.progress=false"])
+                             "loss.lam=0.7", "loss.beta=0.5", "train.progress=false", "fewshot.finetune_params=all"])
     views = FewShotViews(eval={"s": None}, support={"s": None})
-    fewshot_accuracies(torch.nn.Linear(2, 2), cfg, views, "s", {1: [object()]}, [1.0], device=torch.device("cpu"))
+    grid = fewshot.settings_grid(cfg.fewshot.finetune_steps, cfg.fewshot.finetune_lr)
+    out = fewshot_accuracies(torch.nn.Linear(2, 2), cfg, views, "s", {1: [object()], 5: [object()] * 2}, grid,
+                             device=torch.device("cpu"))  # one call for both shots, split again by shot
+    assert list(out) == [(1, s) for s in grid] + [(5, s) for s in grid] and seen["params"] == "all"
+    assert seen["settings"] == grid and out[(1, grid[1])].tolist() == [10] and out[(5, grid[1])].tolist() == [11, 12]
     crit = seen["criterion"]
     assert crit.lam == 0.7 and crit.contrastive.positive_mode == "each" and crit.contrastive.beta == 0.5
+    with pytest.raises(ValueError, match=r"\(steps, lr\) settings"):
+        fewshot_accuracies(torch.nn.Linear(2, 2), cfg, views, "s", {1: [object()]}, [1.0], device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -9,17 +9,29 @@ from .episodes import Episode, load_episodes, read_episodes_meta, sample_episode
 from .features import FeatureBank, build_feature_bank
 from .logreg import logreg_fit_batched, logreg_predict
 from .protocol_a import evaluate_protocol_a
-from .protocol_b import ProtoHead, evaluate_protocol_b, finetune_episode
+from .protocol_b import (
+    FINETUNE_PARAMS,
+    ProtoHead,
+    Setting,
+    evaluate_protocol_b,
+    evaluate_protocol_b_grid,
+    finetune_episode,
+    settings_grid,
+    tuned_parameters,
+)
 from .stats import Interval, mean_ci, paired_difference, seed_summary
 
 __all__ = [
+    "FINETUNE_PARAMS",
     "Episode",
     "FeatureBank",
     "Interval",
     "ProtoHead",
+    "Setting",
     "build_feature_bank",
     "evaluate_protocol_a",
     "evaluate_protocol_b",
+    "evaluate_protocol_b_grid",
     "finetune_episode",
     "load_episodes",
     "logreg_fit_batched",
@@ -30,4 +42,6 @@ __all__ = [
     "sample_episodes",
     "save_episodes",
     "seed_summary",
+    "settings_grid",
+    "tuned_parameters",
 ]

@@ -4,8 +4,9 @@ For every loss in ``fewshot.losses`` and every seed in ``fewshot.seeds`` the mod
 fine-tuned on the base classes (``train``/``val`` splits) with :func:`schane.pipelines.train.train`
 into ``run_dir/<loss>-seed<seed>``. The pretrained backbone without fine-tuning is a row of
 its own (``fewshot.include_pretrained``). The checkpoint (``best.pt`` or ``last.pt``) and,
-for protocol A, the logistic-regression ``C`` (``fewshot.logreg_c_grid``) are chosen per
-shot on ``val_classes`` episodes; ``test_classes`` episodes are evaluated once, with the
+for protocol A, the logistic-regression ``C`` (``fewshot.logreg_c_grid``), for protocol B the
+fine-tuning steps and learning rate (``fewshot.finetune_steps`` x ``fewshot.finetune_lr``) are chosen
+per shot on ``val_classes`` episodes; ``test_classes`` episodes are evaluated once, with the
 selected choice, at the end. Every method sees the identical episode lists, which are
 written to ``run_dir/episodes/*.json``. See docs/fewshot.md.
 
@@ -32,6 +33,7 @@ import torch
 
 from schane.config import Config, parse_method, to_dict
 from schane.fewshot.episodes import Episode, sample_episodes, save_episodes
+from schane.fewshot.protocol_b import settings_grid
 from schane.fewshot.stats import mean_ci, paired_difference, seed_summary
 from schane.pipelines.setup import (
     FewShotViews,
@@ -107,26 +109,49 @@ class _Study:
             return [fs.logreg_c]  # unused by protocol B
         return list(fs.logreg_c_grid) or [fs.logreg_c]
 
-    def evaluate(self, model: torch.nn.Module, split: str, shots: Sequence[int], cs: Sequence[float],
-                 tag: str) -> dict[tuple[int, float], np.ndarray]:
+    @property
+    def options(self) -> list[Any]:
+        """What is chosen on validation-class episodes beside the checkpoint: ``C`` (protocol A) or the
+        :class:`~schane.fewshot.Setting` ``(steps, lr)`` of per-episode fine-tuning (protocol B, 0 steps first)."""
+        fs = self.cfg.fewshot
+        if fs.protocol == "B":
+            return settings_grid(fs.finetune_steps, fs.finetune_lr)
+        return self.c_grid
+
+    def evaluate(self, model: torch.nn.Module, split: str, shots: Sequence[int], cs: Sequence[Any],
+                 tag: str) -> dict[tuple[int, Any], np.ndarray]:
         eps = {s: self.episodes[split][s] for s in shots}
         return fewshot_accuracies(model, self.cfg, self.views, split, eps, cs, device=self.device, tag=tag)
 
-    def select(self, candidates: list[Candidate], tag: str) -> dict[int, tuple[str, float, float | None]]:
-        """Per shot: ``(candidate, C, validation accuracy)`` with the best mean on validation-class episodes."""
-        shots, cs = self.cfg.fewshot.shots, self.c_grid
-        if len(candidates) * len(cs) == 1:
-            return {s: (candidates[0][0], cs[0], None) for s in shots}
-        scores: dict[int, list[tuple[float, str, float]]] = {s: [] for s in shots}
+    def select(self, candidates: list[Candidate], tag: str) -> dict[int, tuple[str, Any, float | None,
+                                                                             list[tuple[float, str, Any]]]]:
+        """Per shot: ``(candidate, option, validation accuracy, every (val acc, candidate, option))``, the
+        option being ``C`` (A) or ``(steps, lr)`` (B), with the best mean on validation-class episodes."""
+        shots, opts = self.cfg.fewshot.shots, self.options
+        if len(candidates) * len(opts) == 1:
+            return {s: (candidates[0][0], opts[0], None, []) for s in shots}
+        scores: dict[int, list[tuple[float, str, Any]]] = {s: [] for s in shots}
         for name, load in candidates:
-            res = self.evaluate(load(), VAL_SPLIT, shots, cs, f"{tag} [{name}]")
-            for (shot, c), accs in res.items():
-                scores[shot].append((float(accs.mean()), name, c))
+            res = self.evaluate(load(), VAL_SPLIT, shots, opts, f"{tag} [{name}]")
+            for (shot, opt), accs in res.items():
+                scores[shot].append((float(accs.mean()), name, opt))
         choice = {}
         for shot, sc in scores.items():
-            best = max(sc, key=lambda t: t[0])  # first of equals: earlier candidate, earlier C
-            choice[shot] = (best[1], best[2], best[0])
+            # first of equals: earlier candidate, earlier option (smaller C; 0 steps, then fewer steps)
+            best = max(sc, key=lambda t: t[0])
+            choice[shot] = (best[1], best[2], best[0], sc)
         return choice
+
+    def _selected(self, name: str, opt: Any, val_acc: float | None,
+                  scores: list[tuple[float, str, Any]]) -> dict[str, Any]:
+        """The ``selected`` entry of one shot: the choice and the validation accuracy of every alternative."""
+        def what(o: Any) -> dict[str, Any]:
+            if self.cfg.fewshot.protocol == "B":
+                return {"C": None, "steps": int(o[0]), "lr": float(o[1])}
+            return {"C": o, "steps": None, "lr": None}
+
+        return {"checkpoint": name, **what(opt), "val_acc": val_acc,
+                "val_grid": [{"checkpoint": n, **what(o), "val_acc": a} for a, n, o in scores]}
 
     def row(self, method: str, seed: int | None, run_dir: str | None, candidates: list[Candidate],
             tag: str) -> dict[str, Any]:
@@ -142,12 +167,10 @@ class _Study:
             for shot in shots:
                 res = self.evaluate(model, TEST_SPLIT, [shot], [choice[shot][1]], f"{tag} [{name}]")
                 per_episode[str(shot)] = res[(shot, choice[shot][1])]
-        selected = {str(s): {"checkpoint": choice[s][0], "C": choice[s][1] if fs.protocol == "A" else None,
-                             "val_acc": choice[s][2]} for s in fs.shots}
+        selected = {str(s): self._selected(*choice[s]) for s in fs.shots}
         per_ep = {str(s): per_episode[str(s)] for s in fs.shots}
         logger.info("[fewshot] %s: %s", tag, "; ".join(
-            f"{s}-shot {a.mean():.2f}%" + (f" (val {choice[s][2]:.2f}%, {choice[s][0]}"
-                                           + (f", C={choice[s][1]:g}" if fs.protocol == "A" else "") + ")"
+            f"{s}-shot {a.mean():.2f}%" + (f" (val {choice[s][2]:.2f}%, {selection_text(selected[str(s)])})"
                                            if choice[s][2] is not None else "")
             for s, a in zip(fs.shots, per_ep.values(), strict=True)))
         return {
@@ -155,6 +178,18 @@ class _Study:
             "test": {s: mean_ci(a).to_dict() for s, a in per_ep.items()},
             "per_episode": {s: [float(x) for x in a] for s, a in per_ep.items()},
         }
+
+
+def selection_text(sel: dict[str, Any]) -> str:
+    """A ``selected`` entry in words: ``best.pt, C=1`` (protocol A) or ``best.pt, 20@0.001`` (protocol B:
+    steps@lr; ``0 steps`` is the prototype classifier)."""
+    ck = sel.get("checkpoint")
+    out = Path(ck).name if ck not in (None, "none") else "-"
+    if sel.get("C") is not None:
+        out += f", C={sel['C']:g}"
+    if sel.get("steps") is not None:
+        out += f", {sel['steps']}@{sel['lr']:g}" if sel["steps"] else ", 0 steps"
+    return out
 
 
 def run_name(method: str, seed: int) -> str:
@@ -203,7 +238,7 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
               "episode_files": {split: {shot: path}},
               "rows": [                      # one per method and training seed
                 {"method": "pretrained" | loss name, "seed": int | None, "run_dir": str | None,
-                 "selected": {shot: {"checkpoint", "C", "val_acc"}},   # val_acc None if no choice
+                 "selected": {shot: {"checkpoint", "C", "steps", "lr", "val_acc", "val_grid"}},
                  "test": {shot: {"mean", "half_width", "std", "n", "excludes_zero"}},
                  "per_episode": {shot: [acc of test episode 0, 1, ...]}}],
               "differences": [               # paired over identical test episodes
@@ -214,6 +249,11 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
                 {"method", "baseline", "shot", "values", "mean", "half_width", "std", "n", "excludes_zero"}],
               "run_dir", "results_file", "seconds"
             }
+
+        ``selected[shot]`` is the choice made on validation-class episodes: the checkpoint, ``C`` (protocol A)
+        or ``steps`` and ``lr`` (protocol B; 0 steps, the prototype classifier, has ``lr`` 0.0), the
+        validation accuracy (``None`` when there was nothing to choose) and ``val_grid``, the validation
+        accuracy of every alternative.
 
         Differences use ``"ce"`` as baseline when it is among the losses, and
         ``"pretrained"`` for every fine-tuned run.
@@ -280,7 +320,8 @@ def _fine_tuned_row(study: _Study, loss: str, seed: int, train_fn: Callable[...,
                                 for name, p in cands]
     row = study.row(loss, seed, str(sub.run_dir), loaders, f"{loss} s{seed}")
     for s in row["selected"].values():
-        s["checkpoint"] = str(dict(cands)[s["checkpoint"]])
+        for entry in (s, *s["val_grid"]):
+            entry["checkpoint"] = str(dict(cands)[entry["checkpoint"]])
     row["base_val"] = _base_accuracy(result.metrics)
     return row
 
@@ -379,6 +420,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"{results['ways']}-way, {results['queries']} queries/class, {results['episodes']} test-class episodes "
         f"per shot (identical for every method)",
         "acc ± 95% CI over episodes: 1.96·s/√n, s = sample std (ddof=1); selection on validation-class episodes",
+        *(["protocol B's selection: checkpoint, fine-tuning steps@learning rate (0 steps: the prototype "
+           "classifier)"] if results["protocol"] == "B" else []),
         "",
         f"{'method':<22}{'seed':>5}{'shot':>5}  {'selected (val acc)':<24}{'test acc (%)':>16}",
     ]
@@ -387,8 +430,7 @@ def format_table(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         for s, t in r["test"].items():
             sel = r["selected"][s]
-            ck = Path(sel["checkpoint"]).name if sel["checkpoint"] not in (None, "none") else "-"
-            what = ck + (f", C={sel['C']:g}" if sel.get("C") is not None else "")
+            what = selection_text(sel)
             what += f" ({sel['val_acc']:.1f})" if sel.get("val_acc") is not None else ""
             seed = "-" if r["seed"] is None else str(r["seed"])
             lines.append(f"{r['method']:<22}{seed:>5}{s:>5}  {what:<24}{_pm(t['mean'], t['half_width']):>16}")

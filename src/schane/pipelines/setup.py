@@ -274,15 +274,17 @@ def fewshot_accuracies(
     views: FewShotViews,
     split: str,
     episodes: Mapping[int, Sequence[Any]],
-    cs: Sequence[float],
+    cs: Sequence[Any],
     *,
     device: torch.device,
     tag: str = "",
-) -> dict[tuple[int, float], np.ndarray]:
+) -> dict[tuple[int, Any], np.ndarray]:
     """Per-episode accuracy (%) of one model on one split's episodes, under ``cfg.fewshot.protocol``.
 
     Protocol A (frozen features + logistic regression) builds one feature bank for all shots and fits every
-    ``C`` of ``cs``; protocol B (per-episode fine-tuning) ignores ``cs`` and uses ``cs[0]`` as the key.
+    ``C`` of ``cs``; protocol B (per-episode fine-tuning) evaluates every :class:`~schane.fewshot.Setting`
+    ``(steps, lr)`` of ``cs`` on the same episodes (one fine-tuning trajectory per learning rate; 0 steps, the
+    prototype classifier, without fine-tuning).
 
     Args:
         model: the model (any mode; moved to ``device``).
@@ -291,19 +293,23 @@ def fewshot_accuracies(
         views: the split's datasets (:func:`fewshot_views`).
         split: which split of ``views``.
         episodes: ``{shot: episodes}``.
-        cs: logistic-regression strengths to evaluate.
+        cs: protocol A: logistic-regression strengths ``C``; protocol B: ``(steps, lr)`` settings
+            (``settings_grid(cfg.fewshot.finetune_steps, cfg.fewshot.finetune_lr)`` or a choice from it).
         device: where the model runs.
         tag: label of the progress output.
 
     Returns:
-        ``{(shot, C): accuracies[n_episodes]}``.
+        ``{(shot, C or Setting): accuracies[n_episodes]}``.
+
+    Raises:
+        ValueError: when protocol B is given an entry of ``cs`` that is not a ``(steps, lr)`` pair.
     """
     from schane.engine.evaluate import extract_features
-    from schane.fewshot import build_feature_bank, evaluate_protocol_a, evaluate_protocol_b
+    from schane.fewshot import build_feature_bank, evaluate_protocol_a
 
     fs, show = cfg.fewshot, cfg.train.progress
     model = prepare_for_inference(model, cfg, device)
-    out: dict[tuple[int, float], np.ndarray] = {}
+    out: dict[tuple[int, Any], np.ndarray] = {}
     if fs.protocol == "A":
         bank = build_feature_bank(
             model, views.eval[split], views.support[split], [e for s in episodes for e in episodes[s]],
@@ -317,16 +323,39 @@ def fewshot_accuracies(
                     desc=f"{tag} {split} {shot}-shot C={c:g}",
                 )
         return out
+    return _protocol_b_accuracies(model, cfg, views, split, episodes, cs, tag=tag)
+
+
+def _protocol_b_accuracies(model: nn.Module, cfg: Config, views: FewShotViews, split: str,
+                           episodes: Mapping[int, Sequence[Any]], settings: Sequence[Any],
+                           *, tag: str) -> dict[tuple[int, Any], np.ndarray]:
+    import schane.fewshot as fewshot
+
+    if not all(isinstance(s, tuple) and len(s) == 2 for s in settings):
+        raise ValueError(f"protocol B evaluates (steps, lr) settings, got {list(settings)!r}; build them with "
+                         "schane.fewshot.settings_grid(cfg.fewshot.finetune_steps, cfg.fewshot.finetune_lr)")
+    fs = cfg.fewshot
+    grid = [fewshot.Setting(int(s), float(lr) if int(s) > 0 else 0.0) for s, lr in settings]
     criterion = None
     if fs.finetune_loss == "joint":
         from schane.engine.criterion import build_criterion
 
         criterion = build_criterion(cfg.loss).joint
+    # one call for all shots: the frozen part's outputs of an image are computed once for every shot
+    every = [e for shot in episodes for e in episodes[shot]]
+    res = fewshot.evaluate_protocol_b_grid(
+        model, every, views.support[split], views.eval[split], settings=grid, params=fs.finetune_params,
+        last_layers=fs.finetune_last_layers, criterion=criterion, seed=fs.episode_seed,
+        batch_size=cfg.data.eval_batch_size, progress=cfg.train.progress,
+        desc=f"{tag} {split} {'+'.join(str(s) for s in episodes)}-shot B",
+    )
+    out: dict[tuple[int, Any], np.ndarray] = {}
+    start = 0
     for shot in episodes:
-        out[(shot, cs[0])] = evaluate_protocol_b(
-            model, episodes[shot], views.support[split], views.eval[split], steps=fs.finetune_steps,
-            lr=fs.finetune_lr, criterion=criterion, seed=fs.episode_seed, progress=show, desc=f"{tag} {split} {shot}-shot",
-        )
+        n = len(episodes[shot])
+        for given, setting in zip(settings, grid, strict=True):
+            out[(shot, given)] = res[setting][start:start + n]
+        start += n
     return out
 
 

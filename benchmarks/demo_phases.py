@@ -3,7 +3,8 @@
 Phases, each timed on the shipped demo config (``src/schane/configs/demo.yaml``, glyphs, EfficientNet-Lite0):
 
 * data: one training epoch of two-view augmentation (the DataLoader alone, no model), ``num_workers`` 0 and 1;
-* step: one training step (forward, loss, backward, AdamW) in NCHW and in channels-last;
+* step: one training step (forward, loss, backward, AdamW) in NCHW and in channels-last, with the small-map
+  convolutions as matrix products as training on a CPU runs them;
 * epoch: one training epoch end to end (data + steps) with ``num_workers`` 0 and 1;
 * eval: images/s of pooled-feature extraction at several batch sizes, NCHW and channels-last;
 * bank: one few-shot feature bank (every validation-class image, evaluation view + ``support_aug`` copies).
@@ -27,6 +28,7 @@ from schane.engine.criterion import build_criterion
 from schane.engine.evaluate import extract_features
 from schane.engine.optim import build_optimizer
 from schane.engine.utils import SeededTransformDataset, epoch_batches, worker_init_fn
+from schane.models.small_maps import patch_convolutions
 from schane.pipelines.demo import demo_config
 from schane.pipelines.setup import eval_dataset, fewshot_views, load_split, train_transform_for
 
@@ -70,6 +72,7 @@ def main() -> None:
         x = torch.cat(list(views[0]))
         if fmt == "channels_last":
             m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        patch_convolutions(m)  # as training on a CPU runs it (schane.models.small_maps)
         opt = build_optimizer(m, cfg.optim, cfg.optim.lr)
         y = views[1].repeat(2)
 

@@ -8,8 +8,9 @@ interleaved (CE, SCHaNe, CE, SCHaNe, ...) so that load from other processes hits
 the table reports the median over repeats.
 
 With ``--channels-last`` it instead times the same CE training step with the model and inputs in the
-default (NCHW) and the channels-last (NHWC) memory format, interleaved, and prints the speed-up: what
-``train.channels_last: auto`` buys for convolutional backbones.
+default (NCHW) and the channels-last (NHWC) memory format, each with the convolution kernels and with the
+small-map convolutions as matrix products, interleaved, and prints the speed-ups: what
+``train.channels_last: auto`` and training on a CPU buy for convolutional backbones.
 
 Usage:
     python benchmarks/train_step.py                       # effnet-lite0-offline, 128 px, batch 64, CPU
@@ -91,16 +92,25 @@ def bench(
     return times
 
 
+FORMATS = ("nchw", "channels_last", "nchw + small maps", "channels_last + small maps")
+
+
 def bench_memory_format(backbone: str, img_size: int, batch: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per CE training step (forward, loss, backward, AdamW) with NCHW and with channels-last tensors."""
+    """Seconds per CE training step (forward, loss, backward, AdamW) with NCHW and with channels-last tensors,
+    each with the convolution kernels and with small-map convolutions as matrix products (what training on a
+    CPU uses: :mod:`schane.models.small_maps`)."""
+    from schane.models.small_maps import patch_convolutions
+
     steps = {}
-    for fmt in ("nchw", "channels_last"):
+    for fmt in FORMATS:
         torch.manual_seed(0)
         model = build_model(ModelConfig(backbone=backbone, pretrained=True), 128)
         x = torch.randn(2 * batch, 3, img_size, img_size)
-        if fmt == "channels_last":
+        if fmt.startswith("channels_last"):
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        if fmt.endswith("small maps"):
+            patch_convolutions(model)
         model.train()
         opt = _make_optimizer(model, 1e-4)
         y = torch.randint(0, 128, (2 * batch,))
@@ -204,15 +214,16 @@ def _print_memory_format(args: argparse.Namespace) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
     print(f"interleaved repeats: {args.repeats}, median reported\n")
-    print("| model (CPU fp32, batch, views) | NCHW step | channels-last step | speed-up |")
-    print("|---|---|---|---|")
+    print(f"effnet-lite0-offline at {args.img_size} px, CPU fp32, batch {args.batch} ({2 * args.batch} views)\n")
+    print("| memory format | convolutions | step (median) | speed-up over NCHW + kernels | raw (ms) |")
+    print("|---|---|---|---|---|")
     t = bench_memory_format("effnet-lite0-offline", args.img_size, args.batch, args.repeats)
-    a, b = statistics.median(t["nchw"]), statistics.median(t["channels_last"])
-    print(f"| effnet-lite0-offline {args.img_size} px, B={args.batch}, {2 * args.batch} views | {1000 * a:.0f} ms "
-          f"| {1000 * b:.0f} ms | {a / b:.2f}x |")
-    print(f"  raw NCHW ms: {[round(1000 * v) for v in t['nchw']]}\n"
-          f"  raw channels-last ms: {[round(1000 * v) for v in t['channels_last']]}")
-
+    ref = statistics.median(t["nchw"])
+    for fmt in FORMATS:
+        m = statistics.median(t[fmt])
+        layout, _, small = fmt.partition(" + ")
+        print(f"| {layout} | {'small maps as matrix products' if small else 'kernels'} | {1000 * m:.0f} ms "
+              f"| {ref / m:.2f}x | {[round(1000 * v) for v in t[fmt]]} |")
 
 if __name__ == "__main__":
     main()

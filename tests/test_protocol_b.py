@@ -312,45 +312,6 @@ def test_augmented_copy_k_is_protocol_a_copy_k():
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size", [1, 2, 5])
-def test_convolutions_as_matrix_products_are_exact(size):
-    from timm.layers import Conv2dSame
-
-    torch.manual_seed(0)
-    convs = [nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 1, bias=False), nn.Conv2d(6, 4, 3, padding=1),
-             nn.Conv2d(6, 6, 5, padding=2, groups=6), nn.Conv2d(6, 6, 3, padding="same", dilation=2, groups=6),
-             nn.Conv2d(6, 4, 3, padding=2, dilation=2), nn.Conv2d(6, 4, 3, stride=2, padding=1),
-             Conv2dSame(6, 6, 5, stride=2, groups=6), Conv2dSame(6, 4, 3), nn.Conv2d(6, 4, 3, padding=0),
-             nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(6, 4, 1, stride=2),
-             nn.Conv2d(6, 4, 3, padding=1, groups=2)]
-    x = torch.randn(3, 6, size, size, requires_grad=True)
-    fast = 0
-    for conv in convs:
-        try:
-            ref = conv(x)
-        except RuntimeError:
-            continue  # a kernel larger than the padded map: refused either way
-        g_ref = torch.autograd.grad(ref.square().sum(), [conv.weight, x])
-        patched = pb._patch_convs(conv)
-        got = conv(x)
-        g = torch.autograd.grad(got.square().sum(), [conv.weight, x])
-        pb._unpatch(patched)
-        assert "forward" not in vars(conv)
-        fast += "Convolution" not in type(got.grad_fn).__name__
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-        for a, b in zip(g, g_ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # pointwise convolutions always; on a 1x1 map also the padded, dilated, strided and depthwise ones
-    assert fast == (2 if size > 1 else 10)
-    model = nn.Sequential(nn.Conv2d(6, 4, 1))
-    own = model[0].forward = lambda t: t  # a forward the caller had set is put back
-    pb._unpatch(pb._patch_convs(model))
-    assert model[0].forward is own
-    assert pb._conv_tap(nn.Conv2d(6, 4, 3, padding=1)) == (1, 1)  # the one reachable tap: the centre
-    assert pb._conv_tap(Conv2dSame(6, 6, 4, stride=2)) == (1, 1)
-    assert pb._conv_tap(nn.Conv2d(6, 4, 3, padding=0)) is None
-
-
 @pytest.mark.parametrize("override, message", [
     ("fewshot.finetune_steps=[]", "finetune_steps"), ("fewshot.finetune_steps=[0, -1]", "finetune_steps"),
     ("fewshot.finetune_steps=[5, 5]", "repeat"), ("fewshot.finetune_lr=[1e-3, 0]", "finetune_lr"),

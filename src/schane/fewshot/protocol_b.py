@@ -16,16 +16,14 @@ are computed once per call (prototypes, 0 steps); the frozen part of the model (
 image and augmented copy, in batches, and its outputs are reused by every episode, step and learning rate;
 only the tuned part (the *tail*) runs per step. Tuned parameters are reset per episode from the original
 tensors, which are never written to, instead of deep-copying the model. Convolutional models run
-channels-last.
+channels-last, with convolutions on small maps as matrix products (:mod:`schane.models.small_maps`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from schane.engine.utils import model_device, sample_seed
+from schane.engine.utils import model_device, sample_seed, seeded_rng
 from schane.fewshot.episodes import Episode
 from schane.losses import JointLoss
+from schane.models.small_maps import Handle, patch_convolutions, unpatch_convolutions
 from schane.progress import progress as _progress
 
 logger = logging.getLogger(__name__)
@@ -202,66 +201,6 @@ def _split(model: nn.Module, params: str, tuned: set[str]) -> _Split:
     return _Split(_identity, model.forward_features, "no frozen part cached")
 
 
-def _conv_tap(m: nn.Conv2d) -> tuple[int, int] | None:
-    """The kernel tap that alone reaches the output of ``m`` on a 1x1 input (``None``: not a 1x1 output)."""
-    from timm.layers import Conv2dSame
-
-    taps = []
-    for k, s, d, dim in zip(m.kernel_size, m.stride, m.dilation, range(2), strict=True):
-        if type(m) is Conv2dSame:  # TF "SAME": total padding (k - 1)·d on a 1x1 input, the smaller half first
-            p = (k - 1) * d // 2
-        elif type(m) is nn.Conv2d and m.padding_mode == "zeros":
-            pad = m.padding
-            p = 0 if pad == "valid" else (k - 1) * d // 2 if pad == "same" else int(pad[dim])  # type: ignore[index]
-            if (2 * p - d * (k - 1)) // s + 1 != 1:
-                return None
-        else:
-            return None
-        if p % d or not 0 <= p // d < k:
-            return None
-        taps.append(p // d)
-    return taps[0], taps[1]
-
-
-def _conv_as_matmul(m: nn.Conv2d, conv: Fn, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)`` as a matrix product where that is exact: a 1x1 convolution (stride 1, no padding) mixes only
-    channels, and any convolution of a 1x1 map with a 1x1 output is its one reachable tap. On a CPU the
-    convolution kernels run such shapes one image at a time (matrix-vector products that re-read the weights),
-    which dominates small-image fine-tuning."""
-    w = m.weight
-    if x.ndim != 4:
-        return conv(x)
-    pointwise = (w.shape[-2:] == (1, 1) and m.groups == 1 and m.stride == (1, 1) and m.padding in ((0, 0), "valid")
-                 and type(m) is nn.Conv2d)
-    if pointwise:
-        return F.linear(x.permute(0, 2, 3, 1), w.flatten(1), m.bias).permute(0, 3, 1, 2)
-    if x.shape[-2:] == (1, 1) and (tap := _conv_tap(m)) is not None:
-        if m.groups == 1:
-            return F.linear(x.flatten(1), w[:, :, tap[0], tap[1]], m.bias)[:, :, None, None]
-        if m.groups == x.shape[1] == w.shape[0]:  # depthwise: one weight per channel
-            y = x.flatten(1) * w[:, 0, tap[0], tap[1]]
-            return (y if m.bias is None else y + m.bias)[:, :, None, None]
-    return conv(x)
-
-
-def _patch_convs(model: nn.Module) -> list[tuple[nn.Module, Any]]:
-    """Route every ``Conv2d`` of ``model`` through :func:`_conv_as_matmul`; returns what :func:`_unpatch` needs."""
-    patched = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            patched.append((m, vars(m).get("forward")))
-            m.forward = partial(_conv_as_matmul, m, m.forward)  # type: ignore[method-assign]
-    return patched
-
-
-def _unpatch(patched: list[tuple[nn.Module, Any]]) -> None:
-    for m, own in patched:
-        if own is None:
-            vars(m).pop("forward", None)
-        else:
-            m.forward = own  # type: ignore[method-assign]
-
-
 def _to_cl(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
@@ -282,7 +221,7 @@ class _Tuner:
         self.tuned: list[nn.Parameter] = []
         self.sources: list[torch.Tensor] = []
         self.dirty = False
-        self.patched: list[tuple[nn.Module, Any]] = []
+        self.patched: Handle = []
         try:
             model.eval()  # BatchNorm/dropout in eval mode: a few support images cannot re-estimate statistics
             for name, p in named:
@@ -294,7 +233,7 @@ class _Tuner:
                     p.data = _to_cl(p.data.clone(), channels_last)
                 elif channels_last and p.ndim == 4:
                     p.data = _to_cl(p.data, True)
-            self.patched = _patch_convs(model)
+            self.patched = patch_convolutions(model)
         except BaseException:
             self.restore()
             raise
@@ -310,7 +249,7 @@ class _Tuner:
         self.dirty = False
 
     def restore(self) -> None:
-        _unpatch(self.patched)
+        unpatch_convolutions(self.patched)
         for p, data, flag, grad in self.saved:
             p.data = data
             p.requires_grad_(flag)
@@ -323,17 +262,9 @@ class _Tuner:
 
 
 def _seeded_item(dataset: Dataset, seed: int, i: int) -> Any:
-    """``dataset[i]`` under torch (CPU) and Python RNGs seeded with ``seed`` (what :class:`SeededItems` draws);
-    the caller's states are restored. Only the CPU generator is seeded: ``torch.manual_seed`` would also queue
-    lazy seeding of every accelerator backend, which costs milliseconds per call."""
-    py_state, cpu_state = random.getstate(), torch.random.get_rng_state()
-    try:
-        torch.random.default_generator.manual_seed(seed)
-        random.seed(seed)
+    """``dataset[i]`` under RNGs seeded with ``seed`` (what :class:`SeededItems` draws)."""
+    with seeded_rng(seed):
         return dataset[i]
-    finally:
-        random.setstate(py_state)
-        torch.random.set_rng_state(cpu_state)
 
 
 class _Bank:

@@ -57,6 +57,7 @@ from schane.engine.utils import (
     seed_everything,
     worker_init_fn,
 )
+from schane.models.small_maps import helps_on, small_map_convolutions
 from schane.pipelines.setup import (
     config_diff,
     dataset_splits,
@@ -161,7 +162,9 @@ def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info:
     start = _start(cfg, run, state, resume_path, info)
     log = _open_log(cfg, run, info, fresh=state is None)
     tp, t_loop = Throughput(), time.perf_counter()
-    last_val = _fit(cfg, run, start, log, callback, tp)
+    # on a CPU, convolutions on small maps (the last stages at small image sizes) run as matrix products
+    with small_map_convolutions(run.parts.raw_model, enabled=helps_on(run.parts.device)):
+        last_val = _fit(cfg, run, start, log, callback, tp)
     final = {
         "loss": cfg.loss.name,
         "epochs": cfg.optim.epochs,

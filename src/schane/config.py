@@ -149,8 +149,10 @@ class TrainConfig:
     """Loop settings: seeding, precision, memory format, checkpointing, logging.
 
     ``channels_last``: ``auto`` (default) stores convolutional backbones and their inputs channels-last (NHWC),
-    which is several times faster for convolutions on CPUs and with CUDA mixed precision, and leaves
-    transformers alone; ``true``/``false`` force it. Training, evaluation and feature extraction follow it.
+    which is faster for convolutions on CPUs (EfficientNet-Lite0 at 32 px: inference 3x, a training step 1.24x)
+    and with CUDA mixed precision, and leaves transformers alone; ``true``/``false`` force it. Training,
+    evaluation and feature extraction follow it. On a CPU, training also runs convolutions on small maps as
+    matrix products (:mod:`schane.models.small_maps`; a demo step 2.7x faster).
     """
 
     seed: int = 0

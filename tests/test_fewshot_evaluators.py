@@ -250,23 +250,29 @@ def test_protocol_b_restores_weights_exactly():
     assert all(p.grad is None for p in model.parameters())
 
 
+def failing_after(dataset_cls, n_reads, **kwargs):
+    """A ``dataset_cls(**kwargs)`` whose item reads fail (``RuntimeError: disk failed``) after ``n_reads``."""
+
+    class Broken(dataset_cls):
+        calls = 0
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.calls > n_reads:
+                raise RuntimeError("disk failed")
+            return super().__getitem__(i)
+
+    return Broken(**kwargs)
+
+
 def test_protocol_b_restores_after_error():
     plain = ToyImages()
     model = ToyModel()
     before = _snapshot(model)
 
-    class Broken(ToyImages):
-        calls = 0
-
-        def __getitem__(self, i):
-            Broken.calls += 1
-            if Broken.calls > 10:
-                raise RuntimeError("disk failed")
-            return super().__getitem__(i)
-
     ep = sample_episodes(plain.targets, 2, 2, 2, 1, seed=0)[0]
     with pytest.raises(RuntimeError):
-        finetune_episode(model, ep, Broken(noise=0.5), plain, steps=5, lr=0.5)
+        finetune_episode(model, ep, failing_after(ToyImages, 10, noise=0.5), plain, steps=5, lr=0.5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

@@ -22,7 +22,7 @@ from schane.fewshot import protocol_b as pb
 from schane.models import build_model
 from schane.pipelines.fewshot import TEST_SPLIT, VAL_SPLIT, _Study, format_table
 from schane.pipelines.setup import FewShotViews
-from test_fewshot_evaluators import ToyImages, ToyModel
+from test_fewshot_evaluators import ToyImages, ToyModel, failing_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,20 +197,11 @@ def test_restores_after_error():
     model = effnet()
     before = full_state(model)
 
-    class Broken(Images32):
-        calls = 0
-
-        def __getitem__(self, i):
-            Broken.calls += 1
-            if Broken.calls > 10:
-                raise RuntimeError("disk failed")
-            return super().__getitem__(i)
-
     eps = sample_episodes(plain.targets, 2, 2, 2, 1, seed=0)
     for params in ("all", "last"):
-        Broken.calls = 0
+        broken = failing_after(Images32, 10, noise=0.5)
         with pytest.raises(RuntimeError, match="disk failed"):
-            evaluate_protocol_b(model, eps, Broken(noise=0.5), plain, steps=5, lr=0.5, params=params, progress=False)
+            evaluate_protocol_b(model, eps, broken, plain, steps=5, lr=0.5, params=params, progress=False)
         assert_same_state(before, full_state(model))
 
 

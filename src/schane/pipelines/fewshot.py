@@ -451,12 +451,7 @@ def format_table(results: dict[str, Any]) -> str:
         sd_rows += [(f"{x['method']} − {x['baseline']}", x) for x in results["seed_differences"]
                     if x["baseline"] != PRETRAINED or not any(y["baseline"] != PRETRAINED for y in results["seed_differences"])]
         for name, x in sd_rows:
-            signed = "−" in name
-            sd = "n/a" if x["std"] is None else f"{x['std']:.2f}"
-            mean = f"{x['mean']:+.2f}" if signed else f"{x['mean']:.2f}"
-            hw = "n/a" if x["half_width"] is None else f"± {x['half_width']:.2f}"
-            excl = ("yes" if x["excludes_zero"] else "no") if signed else ""
-            lines.append(f"{name:<22}{'':>5}{x['shot']:>5}  {mean + ' (' + sd + ')':<24}{hw:>16}  {excl}")
+            lines.append(f"{name:<22}{'':>5}{x['shot']:>5}  {_summary_cells(x, signed='−' in name)}")
     lines += _base_lines(results)
     lines.append(f"\nresults: {results.get('results_file', '')}")
     return "\n".join(lines)
@@ -471,10 +466,14 @@ def _base_lines(results: dict[str, Any]) -> list[str]:
              f"{'method':<22}{'':>10}  {'mean (sd)':<24}{'± 95% CI':>16}  excludes 0"]
     for x in [*base["rows"], *base.get("differences", [])]:
         name = x["method"] if "baseline" not in x else f"{x['method']} − {x['baseline']}"
-        signed = "baseline" in x
-        sd = "n/a" if x["std"] is None else f"{x['std']:.2f}"
-        mean = f"{x['mean']:+.2f}" if signed else f"{x['mean']:.2f}"
-        hw = "n/a" if x["half_width"] is None else f"± {x['half_width']:.2f}"
-        excl = ("yes" if x["excludes_zero"] else "no") if signed else ""
-        lines.append(f"{name:<22}{'':>10}  {mean + ' (' + sd + ')':<24}{hw:>16}  {excl}")
+        lines.append(f"{name:<22}{'':>10}  {_summary_cells(x, signed='baseline' in x)}")
     return lines
+
+
+def _summary_cells(x: dict[str, Any], *, signed: bool) -> str:
+    """``mean (sd)``, ``± half-width`` and, for a difference (``signed``), whether it excludes 0."""
+    sd = "n/a" if x["std"] is None else f"{x['std']:.2f}"
+    mean = f"{x['mean']:+.2f}" if signed else f"{x['mean']:.2f}"
+    hw = "n/a" if x["half_width"] is None else f"± {x['half_width']:.2f}"
+    excl = ("yes" if x["excludes_zero"] else "no") if signed else ""
+    return f"{mean + ' (' + sd + ')':<24}{hw:>16}  {excl}"

@@ -13,6 +13,9 @@ Prints a single markdown report and (``--out``) writes the same figures as JSON.
    CE vs SCHaNe + CE, the overhead in %;
 4. **BEiT-3 base/16**: forward+backward images/s at 224 px (built by ``schane.models.build_model``, random
    init), bf16;
+4b. **full size** (``benchmarks/full_size.py``): BEiT-3 base/16 and ViT-B/16 SCHaNe training steps at 224 px
+   through the paper config, activation checkpointing off and on: peak CUDA memory per image (batches 16
+   and 32) and time per image, bf16;
 5. **few-shot feature extraction**: pooled BEiT-3 base/16 features under ``no_grad``, images/s.
 
 ``--tiny`` runs the same code on the CPU at toy sizes (a 2-block tiny ViT at 32 px, ``beit3_tiny``, small N,
@@ -69,6 +72,8 @@ TINY = {
     "vit_steps": 2,
     "beit": ("beit3_tiny", 32, 4),
     "beit_steps": 2,
+    "full_size": ([("beit3_tiny", ["data.img_size=32"]), ("vit_tiny_patch16_224", ["data.img_size=32",
+                  "model.backbone_kwargs={img_size: 32, depth: 2}"])], (1, 2)),
     "feat_batch": 8,
     "feat_steps": 2,
     "backends": ["eager"],
@@ -83,6 +88,7 @@ FULL = {
     "vit_steps": 10,
     "beit": ("beit3_base_patch16_224", 224, 64),
     "beit_steps": 10,
+    "full_size": ([("beit3_base_patch16_224", []), ("vit_base_patch16_224", [])], (16, 32)),
     "feat_batch": 256,
     "feat_steps": 10,
     "backends": ["eager", "compile"],
@@ -341,6 +347,23 @@ def check_beit3(sizes: dict, device: torch.device) -> dict[str, Any]:
     }
 
 
+def check_full_size(sizes: dict, device: torch.device) -> list[dict[str, Any]]:
+    """benchmarks/full_size.py on this device: memory per image (peak difference of two batch sizes) and time
+    per image of a SCHaNe training step (paper config, 2 views, AdamW), activation checkpointing off and on,
+    autocast bf16 on CUDA (fp32 in the CPU smoke run)."""
+    from full_size import measure
+
+    models, batches = sizes["full_size"]
+    amp = "bf16" if device.type == "cuda" else "none"
+    rows = []
+    for backbone, overrides in models:
+        for ck in (False, True):
+            rows.append(measure(backbone, ck, device=device.type, amp=amp, batches=batches, overrides=overrides))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def check_features(sizes: dict, device: torch.device) -> dict[str, Any]:
     backbone, img, _ = sizes["beit"]
     batch = sizes["feat_batch"]
@@ -433,6 +456,12 @@ def _md_models(res: dict) -> list[str]:
             f"{_fmt(b['peak_mb'])} MB.",
             "",
         ]
+    fs = res.get("full_size")
+    if isinstance(fs, list) and fs:
+        from full_size import _markdown
+
+        out += [f"### Full-size training step (paper config, 2 views), {fs[0]['img_size']} px: memory and time "
+                "per image, activation checkpointing off / on", "", _markdown(fs), ""]
     f = res.get("features")
     if isinstance(f, dict) and "images_per_s" in f:
         out += [
@@ -470,6 +499,7 @@ SECTIONS = {
     "loss_speed": check_loss_speed,
     "train_step": check_train_step,
     "beit3": check_beit3,
+    "full_size": check_full_size,
     "features": check_features,
 }
 

@@ -30,7 +30,7 @@ from schane.data.base import read_split_lines
 
 ALL = {
     "cifar_fs", "fc100", "mini_imagenet", "tiered_imagenet", "cifar100", "cub200", "caltech256", "flowers102",
-    "oxford_pets", "inat2017", "places365", "imagenet", "image_folder", "csv", "glyphs", "fashion_mnist",
+    "oxford_pets", "inat2017", "places365", "imagenet", "image_folder", "csv", "glyphs", "fashion_mnist", "hf", "wds",
 }  # fmt: skip
 
 

@@ -32,7 +32,7 @@ def documented_commands() -> list[tuple[str, str]]:
         for line in _text(doc).splitlines():
             for m in re.finditer(r"(?:^|`|\s|-m )(schane [a-z][^`;&|#]*)", line):
                 cmd = m.group(1).strip()
-                if re.match(r"schane (train|eval|fewshot|analyze|compare|demo|inspect-weights|export|embed|predict)\b",
+                if re.match(r"schane (train|eval|fewshot|report|analyze|compare|demo|inspect-weights|export|embed|predict|convert)\b",
                             cmd):
                     found.append((doc.name, cmd))
     return sorted(set(found))
@@ -77,5 +77,9 @@ def test_every_documented_command_parses(doc, cmd):
         cfg = ROOT / args.config if not Path(args.config).is_absolute() else Path(args.config)
         if cfg.is_file():  # a documented config with its documented overrides must load
             load_config(cfg, args.overrides)
-    elif getattr(args, "overrides", None) and args.command in ("train", "fewshot", "compare", "demo"):
-        load_config(None, [o for o in args.overrides if not o.startswith("name=")])
+    elif getattr(args, "overrides", None) and args.command == "demo":
+        load_config(ROOT / "configs" / "demo.yaml", args.overrides)
+    elif getattr(args, "overrides", None) and args.command in ("train", "fewshot", "compare"):
+        # with --data the dataset (and so its options) comes from the folder, not from the defaults
+        skip = ("name=", "data.options") if getattr(args, "data", None) else ("name=",)
+        load_config(None, [o for o in args.overrides if not o.startswith(skip)])

@@ -255,4 +255,39 @@ def test_an_export_that_does_not_reproduce_schane_is_not_kept(convnext_ema, tmp_
     out = tmp_path / "export"
     with pytest.raises(ValueError, match="does not reproduce schane's outputs"):
         export_checkpoint(convnext_ema, out, heads=True)
-    assert list(out.iterdir()) == []
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # nor any temporary folder
+
+
+def test_export_never_overwrites_a_folder_of_the_users_files(convnext_ema, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("my project\n")
+    (project / "config.json").write_text('{"mine": true}\n')
+    assert main(["export", "--checkpoint", str(convnext_ema), "--out", str(project)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("schane export: error: --out") and "--force" in err[-1], err
+    assert (project / "README.md").read_text() == "my project\n"
+    assert (project / "config.json").read_text() == '{"mine": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no staging folder left behind
+    # --force writes the export's files into the folder and leaves the others alone
+    (project / "notes.txt").write_text("keep")
+    assert main(["export", "--checkpoint", str(convnext_ema), "--out", str(project), "--force"]) == 0
+    assert json.loads((project / "config.json").read_text())["schane"]["format"] == "schane-export"
+    assert (project / "notes.txt").read_text() == "keep"
+
+
+def test_a_previous_export_is_replaced_whole(convnext_ema, tmp_path):
+    out = tmp_path / "e"
+    export_checkpoint(convnext_ema, out, heads=True)
+    first = json.loads((out / "config.json").read_text())
+    res = export_checkpoint(convnext_ema, out)  # no --force needed: the folder is schane's own export
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert res.out_dir == out and all(f.parent == out and f.exists() for f in res.files)
+    assert json.loads((out / "config.json").read_text())["schane"]["heads_file"] is None
+    assert first["schane"]["heads_file"] == "heads.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    # a previous export with a file of the user's beside it is not schane's alone: refused
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(ValueError, match="--force"):
+        export_checkpoint(convnext_ema, out)
+    assert (out / "mine.txt").read_text() == "x"

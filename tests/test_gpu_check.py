@@ -61,8 +61,14 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert step["backbone"] == "vit_tiny_patch16_224" and set(step["step_s"]) == {"CE", "SCHaNe + CE"}
     assert res["beit3"]["backbone"] == "beit3_tiny" and res["beit3"]["images_per_s"] > 0
     assert res["features"]["images_per_s"] > 0
+    full = res["full_size"]  # benchmarks/full_size.py's measurement, checkpointing off and on
+    assert [(r["backbone"], r["checkpointing"]) for r in full] == [
+        (b, c) for b in ("beit3_tiny", "vit_tiny_patch16_224") for c in (False, True)]
+    # toy sizes: memory differences are at the resident set's noise level, only the fields are checked
+    assert all(r["s_per_image"] > 0 and {"after_forward_mb", "fwd_bwd_peak_mb"} <= set(r["steps"][1]) for r in full)
     md = proc.stdout
-    for heading in ("# schane GPU check", "## Correctness", "## Loss speed", "### Training step", "images/s"):
+    for heading in ("# schane GPU check", "## Correctness", "## Loss speed", "### Training step", "images/s",
+                    "### Full-size training step"):
         assert heading in md
     assert "Result: **OK**" in md
 

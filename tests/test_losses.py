@@ -435,3 +435,21 @@ def test_joint_loss_components():
     ids = torch.arange(4).repeat(2)
     sim = JointLoss(NTXentLoss(), lam=0.5)(logits, y, z, contrastive_labels=ids)
     torch.testing.assert_close(sim.contrastive, ntxent_loss(z, ids))
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e37])
+def test_huge_finite_norms_match_float64_reference(scale):
+    # float32 rows with norms whose squares overflow: scaled by their max-abs before the norm,
+    # the loss and its gradient equal the float64 reference on the same directions
+    y = PATTERNS["random"]
+    x = _emb(len(y), seed=5, d=32)
+    big = (x * scale).float()
+    v = schane_loss(big.requires_grad_(), y)
+    want = ref_schane(big.detach().double(), y)
+    assert math.isfinite(v.item())
+    torch.testing.assert_close(v.double(), want, atol=1e-5, rtol=1e-5)
+    v.backward()
+    assert torch.isfinite(big.grad).all()
+    xd = big.detach().double().requires_grad_()
+    ref_schane(xd, y).backward()
+    torch.testing.assert_close(big.grad.double() * scale, xd.grad * scale, atol=1e-5, rtol=1e-4)

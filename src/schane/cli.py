@@ -1,5 +1,5 @@
-"""Command-line interface: ``schane train | eval | fewshot | analyze | compare | demo | inspect-weights | export |
-embed | predict``.
+"""Command-line interface: ``schane train | eval | fewshot | report | analyze | compare | demo | inspect-weights |
+export | embed | predict | convert``.
 
 The CLI only parses arguments and calls a workflow of :mod:`schane.pipelines`; results go to standard
 output, progress and log lines to standard error. A user-caused error (a bad config value, a missing file,
@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("schane")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -39,16 +44,40 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *([f"data.root={args.data}"] if args.data is not None else [])]
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _config_from_args(args: argparse.Namespace, *, fewshot: bool = False) -> Any:
+    """The run's config: ``--data`` (settings chosen for the data, the plan logged) or ``--config``, with ``--set``."""
     from schane.config import load_config
-    from schane.pipelines.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    if args.data is not None:
+        from schane.pipelines.own_data import config_for_data
+
+        cfg, plan = config_for_data(args.data, args.config, args.overrides, fewshot=fewshot)
+        logger.info("%s", plan.line())
+        return cfg
+    if args.config is None:
+        raise ValueError("give the data with --data DIR (a folder of class folders or a CSV), or a config with "
+                         "--config FILE")
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from schane.pipelines.train import TrainingPreempted, train
+
+    cfg = _config_from_args(args)
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingPreempted as e:
+        if _rank() == 0:
+            print(f"schane train: {e}", file=sys.stderr)
+        return e.exit_code
+    if _rank() > 0:  # under torchrun rank 0 reports the run
+        return 0
     if result.metrics.get("test"):
         t = result.metrics["test"]
         print(f"test top-1 {100 * t['top1']:.2f}%  top-5 {100 * t['top5']:.2f}%  ({result.run_dir / 'final.json'})")
-    else:
+    if result.report is not None:
+        print(f"report: {result.report}")
+    elif not result.metrics.get("test"):
         print(f"run directory: {result.run_dir}")
     return 0
 
@@ -65,11 +94,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
-    from schane.config import load_config
     from schane.pipelines.fewshot import format_table, run_fewshot
 
-    results = run_fewshot(load_config(args.config, args.overrides))
+    cfg = _config_from_args(args, fewshot=True)
+    results = run_fewshot(cfg)
     print(format_table(results))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from schane.pipelines.run_report import report_for_run
+
+    print(f"report: {report_for_run(args.run_dir, args.overrides)}")
     return 0
 
 
@@ -116,7 +152,7 @@ def _cmd_inspect_weights(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from schane.pipelines.export import export_checkpoint
 
-    r = export_checkpoint(args.checkpoint, args.out, heads=args.heads)
+    r = export_checkpoint(args.checkpoint, args.out, heads=args.heads, force=args.force)
     names = "not stored in the checkpoint (schane < 0.2)" if r.class_names is None else f"{len(r.class_names)}"
     print(f"exported {r.kind} weights ({r.weights}) to {r.out_dir}: {', '.join(f.name for f in r.files)}")
     print(f"class names: {names}; classifier: {r.classifier_key or 'not in model.safetensors'}; "
@@ -146,6 +182,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from schane.pipelines.convert import convert
+
+    r = convert(args.data, args.to, args.out, shard_size=args.shard_size, overrides=args.overrides)
+    counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
+    print(f"{counts} images of {len(r.classes)} classes in {len(r.files)} file(s): {r.out}")
+    if r.class_splits is not None:
+        print(f"few-shot class lists: {r.class_splits} (data.options.class_splits={r.class_splits})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``schane`` argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -154,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a model from a config")
-    _add_config_args(p)
+    p = sub.add_parser("train", help="fine-tune a model on your images (--data DIR) or from a config")
+    _add_config_args(p, required=False)
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your images: a folder of class folders (or train/ with val/ and test/), or a CSV of "
+                        "path,label; settings that fit the data are chosen and printed before training")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for the run's last.pt")
     p.set_defaults(func=_cmd_train)
 
@@ -167,8 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("fewshot", help="few-shot protocol: fine-tune on base classes, evaluate N-way K-shot episodes")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your images (a folder of class folders or a CSV): the classes are split into base, "
+                        "validation and novel classes, with settings chosen for the data and printed first")
     p.set_defaults(func=_cmd_fewshot)
+
+    p = sub.add_parser("report", help="(re)write a run's report.md: test top-1 with its interval, curves, "
+                                      "confusion matrix, per-class accuracy, misclassified images")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of 'schane train' (runs/NAME)")
+    _add_set(p, "overrides of the run's config, e.g. data.root=/new/path")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("analyze", help="embedding metrics and t-SNE for one checkpoint")
     _add_checkpoint_args(p)
@@ -189,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p, "overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
 
+    _add_model_io_commands(sub)
+    return parser
+
+
+def _add_model_io_commands(sub: Any) -> None:
+    """The commands around weights and models: inspect-weights, export, embed, predict, convert."""
     p = sub.add_parser("inspect-weights", help="show what a weights file holds and what a backbone would load from it")
     p.add_argument("path", help="weights file (PyTorch checkpoint or safetensors, any name)")
     p.add_argument("--backbone", required=True, help="model.backbone name, e.g. beit3_base_patch16_224")
@@ -202,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (model.safetensors, config.json, ...)")
     p.add_argument("--heads", action="store_true",
                    help="also export the classifier (on the timm model's own head) and the projection head")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder that is not a previous export (overwrites its model.safetensors, "
+                        "heads.safetensors, config.json and README.md; other files stay)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("embed", help="pooled features (or projections) of a folder of images or a dataset split")
@@ -219,12 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes with probabilities for a folder of images")
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by 'schane train'")
-    p.add_argument("--images", required=True, metavar="FOLDER", help="a folder of images (walked recursively)")
+    p.add_argument("--images", "--data", dest="images", required=True, metavar="FOLDER",
+                   help="a folder of images (walked recursively)")
     p.add_argument("--out", default="predictions.csv", metavar="FILE", help="CSV to write (default: predictions.csv)")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default: 5)")
     _add_set(p, "overrides of the checkpoint's config, e.g. data.eval_batch_size=64 train.device=cpu")
     p.set_defaults(func=_cmd_predict)
-    return parser
+
+    p = sub.add_parser("convert", help="write a dataset as WebDataset shards or Hugging Face parquet")
+    p.add_argument("--data", required=True, metavar="SRC",
+                   help="NAME:ROOT of any registered dataset (e.g. csv:data/, cifar_fs:~/data) or a folder of class folders")
+    p.add_argument("--to", required=True, choices=["wds", "hf"],
+                   help="wds: OUT/{split}-NNNNNN.tar + classes.txt; hf: OUT/data/{split}-NNNNN-of-NNNNN.parquet")
+    p.add_argument("out", metavar="OUT", help="output folder (new or empty)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default: 1000)")
+    _add_set(p, "overrides of the source's data config, e.g. data.options.test_fraction=0.3")
+    p.set_defaults(func=_cmd_convert)
 
 
 def error_message(e: BaseException) -> str:
@@ -245,6 +323,14 @@ def error_message(e: BaseException) -> str:
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
         text = e.strerror + (f": {e.filename}" if e.filename else "")
     return text
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -269,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
-        print(f"schane {args.command}: error: {error_message(e)}", file=sys.stderr)
+        where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        print(f"schane {args.command}: error{where}: {error_message(e)}", file=sys.stderr)
         return 2
 
 

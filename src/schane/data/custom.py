@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -26,9 +27,11 @@ from typing import Any
 import numpy as np
 
 from .base import (
+    CLASSIFICATION_SPLITS,
     ImageDataset,
     check_classes_present,
     check_no_empty_class,
+    check_split,
     classification_split,
     fewshot_split,
     first_few,
@@ -43,12 +46,15 @@ from .registry import Kind, register_dataset
 logger = logging.getLogger(__name__)
 
 FOLDER_LAYOUT = """
-Either with an explicit test split:
+Either split folders (train/ and any of val/, valid/, validation/ and test/):
   root/train/<class>/*.jpg
-  root/test/<class>/*.jpg
+  root/val/<class>/*.jpg      (or valid/ or validation/; without it a seeded val_fraction of train)
+  root/test/<class>/*.jpg     (without it a seeded test_fraction of train becomes the test split)
 or one folder per class (a seeded test_fraction of each class becomes the test split):
   root/<class>/*.jpg
 Class names are the folder names (sorted) unless classes=[...] fixes them and their order.
+With split_lists=DIR the splits are the file lists DIR/{train,val,test}.csv instead (written by
+'schane train --data' into the run directory).
 """
 
 CSV_LAYOUT = """
@@ -57,7 +63,17 @@ root/test.csv      relative to the CSV's folder or absolute; label = class name 
                    optional: without it a seeded test_fraction of each class becomes the test split.
                    UTF-8 (a byte-order mark is fine); every image must exist and be listed once.
 (or pass train_csv=... / test_csv=... to name the files; root then defaults to the CSV's folder)
+With split_lists=DIR the splits are the file lists DIR/{train,val,test}.csv instead.
 """
+
+SPLIT_LISTS_LAYOUT = """
+DIR/train.csv, DIR/val.csv, DIR/test.csv   rows 'path,label': the image's path relative to the dataset root
+                                            (or absolute) and its class name
+DIR/classes.txt                             the class names, one per line, in label order
+"""
+
+VAL_DIRS = ("val", "valid", "validation")
+"""Folder names read as the validation split next to ``train/`` (HF imagefolder's is ``validation``)."""
 
 FEWSHOT_LAYOUT = """
 Few-shot mode (option class_splits or class_fractions): all images of each class are pooled (train and
@@ -107,7 +123,8 @@ def _split_train_test(
 def _folder(name: str, folder: Path, classes: Sequence[str] | None, transform: Any) -> ImageDataset:
     found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
-        raise FileNotFoundError(f"{name}: no class folders in {folder}. Expected layout:\n{FOLDER_LAYOUT}")
+        raise FileNotFoundError(f"{name}: no class folders in {folder}; point --data (data.root) at a folder holding "
+                                f"one folder of images per class. Expected layout:\n{FOLDER_LAYOUT}")
     names = _resolve_classes(name, found, classes, str(folder))
     samples: list[Path] = []
     targets: list[int] = []
@@ -117,6 +134,40 @@ def _folder(name: str, folder: Path, classes: Sequence[str] | None, transform: A
         targets.extend([k] * len(files))
     check_no_empty_class(name, targets, names, str(folder))
     return ImageDataset(samples, targets, names, load_image, transform, name)
+
+
+def split_folders(path: Path) -> dict[str, Path]:
+    """The split folders of an image-folder root: ``{"train": ..., "val": ..., "test": ...}`` (those present).
+
+    ``root`` is in the split layout when it has a ``train/`` folder and every other folder in it is a split
+    (``val/``, ``valid/``, ``validation/``, ``test/``); otherwise it is the flat ``<class>/`` layout and the
+    result is empty.
+
+    Raises:
+        ValueError: When more than one validation folder is present.
+    """
+    dirs = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")} if path.is_dir() else set()
+    if "train" not in dirs or not dirs <= {"train", "test", *VAL_DIRS}:
+        return {}
+    vals = [d for d in VAL_DIRS if d in dirs]
+    if len(vals) > 1:
+        raise ValueError(
+            f"image_folder: keep one validation folder in {path}: it has {', '.join(v + '/' for v in vals)}"
+        )
+    out = {"train": path / "train"}
+    if vals:
+        out["val"] = path / vals[0]
+    if "test" in dirs:
+        out["test"] = path / "test"
+    return out
+
+
+def _pooled(name: str, parts: Sequence[ImageDataset]) -> ImageDataset:
+    first = parts[0]
+    return ImageDataset(
+        [s for p in parts for s in p.samples], [t for p in parts for t in p.targets], first.classes, load_image,
+        first.transform, name,
+    )
 
 
 @register_dataset(
@@ -138,16 +189,22 @@ def build_image_folder(
     split_seed: int = 0,
     class_splits: Mapping[str, Sequence[str]] | str | os.PathLike | None = None,
     class_fractions: Sequence[float] | None = None,
+    split_lists: str | os.PathLike | None = None,
 ) -> ImageDataset:
-    """A folder per class, optionally under ``train/`` and ``test/``.
+    """A folder per class, optionally under ``train/`` with ``val/`` (``valid/``, ``validation/``) and ``test/``.
 
     Expected layout::
 
-        root/train/<class>/*.jpg + root/test/<class>/*.jpg
-        or root/<class>/*.jpg (test split = seeded ``test_fraction`` of each class, seed ``split_seed``)
+        root/train/<class>/*.jpg [+ root/val/<class>/*.jpg] [+ root/test/<class>/*.jpg]
+        or root/<class>/*.jpg
+
+    A missing validation split is a seeded ``val_fraction`` of each training class (seed ``seed``); a missing
+    test split a seeded ``test_fraction`` of each class (seed ``split_seed``), taken before the validation
+    hold-out. With ``split_lists`` the three splits are read from the lists in that folder (see
+    :func:`read_split_lists`).
 
     With ``class_splits`` or ``class_fractions`` it is a few-shot set (see :func:`resolve_class_lists`):
-    the images of ``train/`` and ``test/`` are pooled, and the splits are ``train``/``val`` (base classes),
+    the images of every split folder are pooled, and the splits are ``train``/``val`` (base classes),
     ``val_classes`` and ``test_classes``; ``test_fraction`` is not used.
 
     Raises:
@@ -158,18 +215,21 @@ def build_image_folder(
     """
     path = require_root("image_folder", root, FOLDER_LAYOUT)
     fewshot = fewshot_kind("image_folder", {"class_splits": class_splits, "class_fractions": class_fractions})
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        train = _folder("image_folder", path / "train", classes, transform)
-        test = _folder("image_folder", path / "test", train.classes, transform)
-        test.split = "test"
-        full = ImageDataset(
-            train.samples + test.samples,
-            train.targets + test.targets,
-            train.classes,
-            load_image,
-            transform,
-            "image_folder",
-        )
+    if split_lists is not None:
+        return _from_split_lists("image_folder", path, split_lists, split, transform, fewshot)
+    folders = split_folders(path)
+    if folders:
+        train = _folder("image_folder", folders["train"], classes, transform)
+        others = {k: _folder("image_folder", f, train.classes, transform) for k, f in folders.items() if k != "train"}
+        full = _pooled("image_folder", [train, *others.values()])
+        if fewshot == "classification":
+            test = others.get("test")
+            if test is None:
+                train, test = _split_train_test(
+                    "image_folder", train.samples, train.targets, train.classes, transform, test_fraction, split_seed
+                )
+            if "val" in others:
+                return explicit_split({"train": train, "val": others["val"], "test": test}, split)
     else:
         full = _folder("image_folder", path, classes, transform)
         if fewshot == "classification":
@@ -191,8 +251,110 @@ def build_image_folder(
     return classification_split(train, test, split, val_fraction, seed)
 
 
-def _read_csv(name: str, path: Path) -> list[tuple[Path, str]]:
+def explicit_split(parts: Mapping[str, ImageDataset], split: str) -> ImageDataset:
+    """The ``split`` of a set whose train, val and test parts are all given (no hold-out is drawn).
+
+    Raises:
+        ValueError: If ``split`` is unknown or a class has no training images.
+    """
+    train = parts["train"]
+    check_split(train.name, split, CLASSIFICATION_SPLITS)
+    check_no_empty_class(train.name, train.targets, train.classes, "the training split")
+    out = parts[split]
+    out.split = split
+    return out
+
+
+def read_split_lists(name: str, root: Path, folder: str | os.PathLike) -> dict[str, ImageDataset]:
+    """The ``train``/``val``/``test`` splits written as file lists (``SPLIT_LISTS_LAYOUT``).
+
+    Args:
+        name: Dataset name (for messages and the datasets' names).
+        root: The dataset root that relative paths start from.
+        folder: The folder holding ``train.csv``, ``val.csv``, ``test.csv`` and ``classes.txt``.
+
+    Returns:
+        The three splits (labels follow ``classes.txt``), without transform.
+
+    Raises:
+        FileNotFoundError: If a list or a listed image is missing.
+        ValueError: On malformed rows, a class not in ``classes.txt``, or an image in two splits.
+    """
+    d = Path(folder).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"{name}: the split lists folder {d} does not exist; it is written by 'schane train --data' into the "
+            f"run directory (splits/). Expected:\n{SPLIT_LISTS_LAYOUT}"
+        )
+    classes_file = require_file(name, d / "classes.txt", SPLIT_LISTS_LAYOUT)
+    classes = [c.strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+    pos = {c: i for i, c in enumerate(classes)}
+    out: dict[str, ImageDataset] = {}
+    seen: dict[str, str] = {}
+    for part in PARTS:
+        f = require_file(name, d / f"{part}.csv", SPLIT_LISTS_LAYOUT)
+        rows = _read_csv(name, f, base=root)
+        unknown = sorted({lab for _, lab in rows} - set(pos))
+        if unknown:
+            raise ValueError(f"{name}: {f} has labels not in {classes_file}: {first_few(unknown)}")
+        for p, _ in rows:
+            key = os.path.abspath(p)
+            if key in seen:
+                raise ValueError(f"{name}: {p} is listed in both {seen[key]}.csv and {part}.csv of {d}")
+            seen[key] = part
+        _check_csv_files(name, f, rows)
+        out[part] = ImageDataset([p for p, _ in rows], [pos[lab] for _, lab in rows], classes, load_image, None,
+                                 name, part)
+    return out
+
+
+def write_split_lists(splits: Mapping[str, ImageDataset], root: Path, folder: Path) -> Path:
+    """Write the ``train``/``val``/``test`` splits as file lists that :func:`read_split_lists` reads back.
+
+    Paths under ``root`` are written relative to it (so the lists survive a moved dataset with
+    ``data.root`` pointing at the new place), other paths absolute. Each file is written atomically.
+
+    Returns:
+        ``folder``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    base = os.path.abspath(root)
+
+    def rel(p: Any) -> str:
+        a = os.path.abspath(p)
+        return os.path.relpath(a, base) if os.path.commonpath([a, base]) == base else a
+
+    classes = splits["train"].classes
+    files = {"classes.txt": "".join(f"{c}\n" for c in classes)}
+    for part in PARTS:
+        ds = splits[part]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label"])
+        w.writerows([rel(p), ds.classes[t]] for p, t in zip(ds.samples, ds.targets, strict=True))
+        files[f"{part}.csv"] = buf.getvalue()
+    for fname, text in files.items():
+        tmp = folder / f".{fname}.{os.getpid()}.tmp"  # ranks of one job may write the same lists at once
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / fname)
+    return folder
+
+
+def _from_split_lists(
+    name: str, root: Path, folder: str | os.PathLike, split: str, transform: Callable | None, kind: Kind
+) -> ImageDataset:
+    if kind == "fewshot":
+        raise ValueError(f"{name}: split_lists and class_splits/class_fractions cannot be combined")
+    parts = read_split_lists(name, root, folder)
+    for ds in parts.values():
+        ds.transform = transform
+    return explicit_split(parts, split)
+
+
+def _read_csv(name: str, path: Path, base: Path | None = None) -> list[tuple[Path, str]]:
     """Rows ``(path, label)`` of a CSV: a UTF-8 byte-order mark and extra columns are fine.
+
+    Relative paths start from ``base`` (default: the CSV's folder).
 
     Raises:
         ValueError: On a short row, an empty label, a path listed twice, or no rows (the first few
@@ -210,7 +372,7 @@ def _read_csv(name: str, path: Path) -> list[tuple[Path, str]]:
                 short.append(f"line {n}: {row!r}")
                 continue
             p = Path(row[0].strip()).expanduser()
-            p = p if p.is_absolute() else path.parent / p
+            p = p if p.is_absolute() else (path.parent if base is None else base) / p
             if not row[1].strip():
                 empty.append(f"line {n} ({row[0].strip()})")
             key = os.path.abspath(p)
@@ -269,6 +431,7 @@ def build_csv(
     split_seed: int = 0,
     class_splits: Mapping[str, Sequence[str]] | str | os.PathLike | None = None,
     class_fractions: Sequence[float] | None = None,
+    split_lists: str | os.PathLike | None = None,
 ) -> ImageDataset:
     """Images listed in CSV files of ``path,label``.
 
@@ -286,6 +449,9 @@ def build_csv(
     the rows of both CSVs are pooled, and the splits are ``train``/``val`` (base classes),
     ``val_classes`` and ``test_classes``; ``test_fraction`` is not used.
 
+    With ``split_lists`` the three splits are read from the lists in that folder (see :func:`read_split_lists`;
+    relative paths start from ``root``, by default the train CSV's folder).
+
     Raises:
         FileNotFoundError: If a CSV, a listed image, or the ``class_splits`` folder or a file of it is
             missing (the first few are named).
@@ -293,6 +459,9 @@ def build_csv(
             not matching the labels, or malformed class lists.
     """
     fewshot = fewshot_kind("csv", {"class_splits": class_splits, "class_fractions": class_fractions})
+    if split_lists is not None:
+        base = Path(root).expanduser() if root is not None else Path(train_csv or ".").expanduser().parent
+        return _from_split_lists("csv", base, split_lists, split, transform, fewshot)
     if train_csv is None:
         path = require_root("csv", root, CSV_LAYOUT)
         tr_file = require_file("csv", path / "train.csv", CSV_LAYOUT, "Or pass train_csv=... .")
@@ -333,19 +502,21 @@ def build_csv(
             class_fractions=class_fractions,
             split_seed=split_seed,
         )
+    return _csv_classification(tr_rows, te_rows, tr_file, pos, names, transform, split, seed=seed,
+                               val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+
+
+def _csv_classification(
+    tr_rows: list[tuple[Path, str]], te_rows: list[tuple[Path, str]], tr_file: Path, pos: Mapping[str, int],
+    names: list[str], transform: Callable | None, split: str, *, seed: int, val_fraction: float,
+    test_fraction: float, split_seed: int,
+) -> ImageDataset:
     tr_s, tr_t = [p for p, _ in tr_rows], [pos[lab] for _, lab in tr_rows]
     check_no_empty_class("csv", tr_t, names, str(tr_file))
-    if te_file:
+    if te_rows:
         train = ImageDataset(tr_s, tr_t, names, load_image, transform, "csv", "train")
-        test = ImageDataset(
-            [p for p, _ in te_rows],
-            [pos[lab] for _, lab in te_rows],
-            names,
-            load_image,
-            transform,
-            "csv",
-            "test",
-        )
+        test = ImageDataset([p for p, _ in te_rows], [pos[lab] for _, lab in te_rows], names, load_image,
+                            transform, "csv", "test")
     else:
         train, test = _split_train_test("csv", tr_s, tr_t, names, transform, test_fraction, split_seed)
     return classification_split(train, test, split, val_fraction, seed)

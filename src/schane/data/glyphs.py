@@ -48,7 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ImageFont
-from tqdm import tqdm
+
+from schane.progress import progress as progress_iter
 
 from .base import ArrayLoader, ImageDataset, fewshot_split
 from .registry import register_dataset
@@ -193,7 +194,7 @@ def _select_classes(
     candidates = sorted(cp for cp, n in counts.items() if n >= min_fonts and _eligible(cp))
     c = _SELECT_CANVAS
     renders: dict[int, dict[int, np.ndarray]] = {}
-    for cp in tqdm(candidates, desc="glyphs: checking characters", disable=not progress, leave=False):
+    for cp in progress_iter(candidates, desc="glyphs: checking characters", enabled=progress):
         per_font = {}
         for fi, cmap in enumerate(cmaps):
             if cp in cmap:
@@ -267,6 +268,7 @@ def _selection(
             return {int(k): list(v) for k, v in json.loads(path.read_text())["classes"].items()}, {}
         except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError):
             pass  # a damaged cache file is recomputed
+    logger.info("glyphs: selecting the characters every font draws distinctly (once; cached in %s)", folder)
     classes, bases = _select_classes(min_fonts, progress)
     _atomic_write(path, lambda f: f.write(json.dumps({"key": key, "classes": classes}).encode()))
     return classes, bases
@@ -318,7 +320,7 @@ def _render_classes(
     images = np.empty((len(cps) * samples, img_size, img_size), dtype=np.uint8)
     fonts = np.empty(len(cps) * samples, dtype=np.int64)
     chunk = 32
-    for start in tqdm(range(0, len(cps), chunk), desc="glyphs: rendering", disable=not progress, leave=False):
+    for start in progress_iter(range(0, len(cps), chunk), desc="glyphs: rendering", enabled=progress):
         batch, thetas, noises = [], [], []
         for k, cp in enumerate(cps[start : start + chunk]):
             rng = np.random.default_rng([seed, cp])
@@ -413,6 +415,8 @@ def render_glyph_set(
         except _DAMAGED_NPZ as err:  # a damaged cache file (e.g. cut short) is re-rendered
             logger.warning("glyphs: cache %s is damaged (%s: %s); rendering it again", path, type(err).__name__, err)
     cps = sorted(classes)
+    logger.info("glyphs: rendering %d classes x %d images at %d px (once; cached in %s)", len(cps),
+                samples_per_class, img_size, path)
     images, fonts = _render_classes(
         classes,
         bases if _base_canvas(img_size) == _SELECT_CANVAS else {},

@@ -48,6 +48,8 @@ from .base import (
     layout_not_found,
     list_image_files,
     load_image,
+    max_image_pixels,
+    npz_member_header,
     read_split_lines,
     require_root,
     split_path,
@@ -364,6 +366,13 @@ def _tiered_arrays(root: Path, part: str, names: list[str], transform: Any) -> I
             raise ValueError(f"{png} holds {n} images but {labels_file} {len(targets)} labels")
         loader: Callable[[int], Image.Image] = PngListLoader(images, png)
     else:
+        shape, dtype = npz_member_header(npz, "images")  # checked before anything is read
+        if len(shape) != 4 or shape[-1] != 3 or shape[0] != len(targets) or dtype != np.uint8:
+            raise ValueError(f"{npz} holds images of shape {shape} ({dtype}) but {labels_file} {len(targets)} "
+                             "labels; expected uint8 [N, H, W, 3] with N = the number of labels")
+        if shape[1] * shape[2] > min(max_image_pixels(), 1024 * 1024):
+            raise ValueError(f"{npz}: images of {shape[1]}x{shape[2]} pixels are refused (at most 1024x1024 are read "
+                             "from an npz); tieredImageNet's are 84x84")
         try:
             with np.load(npz) as z:
                 data = z["images"]

@@ -193,6 +193,8 @@ def _load_builtin() -> None:
         custom,
         fashion_mnist,
         glyphs,
+        hf,
         imagenet_fewshot,
         torchvision_sets,
+        wds,
     )

@@ -59,6 +59,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing required content, corrupt or truncated."""
 
 
+class CheckpointFieldError(CheckpointError):
+    """A checkpoint's fields are not of the types ``schane train`` writes (one line per field after the first)."""
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically.
 
@@ -116,6 +120,25 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def _refuse_other_formats(path: Path) -> None:
+    """A clear error for files that are not training checkpoints but are intact (an export, plain weights)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            meta = f.read(n) if 0 < n < 100_000_000 else b""
+    except OSError:
+        return
+    if meta.startswith(b"{") and b'"dtype"' in meta:
+        export = (path.parent / "config.json").is_file()
+        what = "a schane export (model.safetensors)" if export else "a safetensors weights file"
+        raise CheckpointError(
+            f"{path} is {what}, not a training checkpoint: pass runs/NAME/best.pt (or last.pt) here; an export "
+            "loads with timm alone (see its README.md), and a weights file starts a run with "
+            "--set model.checkpoint=FILE"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
@@ -142,6 +165,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it is corrupt: delete it or resume from another file")
     if not zipfile.is_zipfile(path):
+        _refuse_other_formats(path)
         raise CheckpointError(
             f"checkpoint {path} ({size} bytes) is truncated or corrupt (not a complete torch archive); "
             "delete it or resume from another checkpoint"
@@ -172,7 +196,64 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in ("model", "config", "num_classes") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks required entries {missing}; it is corrupt or incomplete")
+    wrong = field_errors(state)
+    if wrong:
+        raise CheckpointFieldError(f"checkpoint {path} has {len(wrong)} malformed field(s); it is corrupt or was edited: "
+                              "use a file written by 'schane train'\n" + "\n".join(f"  {w}" for w in wrong))
     return state
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_weights(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _what(v: Any) -> str:
+    text = repr(v) if not isinstance(v, (dict, list, tuple)) else f"a {type(v).__name__} of {len(v)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def field_errors(state: dict[str, Any]) -> list[str]:
+    """One line per field of a loaded checkpoint whose type or value is not what ``schane train`` writes.
+
+    Checked: ``model`` (str -> tensor), ``config`` (a mapping), ``num_classes`` (an int >= 1), ``class_names``
+    (absent/None, or that many strings), ``ema`` (None or a mapping with ``module`` weights), ``eval_weights``,
+    ``epoch``/``batch_in_epoch``/``global_step`` (ints >= 0), ``best_metric`` (a number or None) and
+    ``best_epoch`` (an int or None). Optimizer/scheduler/RNG states are checked where they are restored.
+    """
+    out = []
+    if not _is_weights(state.get("model")):
+        out.append(f"model: expected a mapping of parameter names to tensors, got {_what(state.get('model'))}")
+    if not isinstance(state.get("config"), dict):
+        out.append(f"config: expected a mapping (the run's config), got {_what(state.get('config'))}")
+    n = state.get("num_classes")
+    if not _is_int(n) or n < 1:
+        out.append(f"num_classes: expected an integer >= 1, got {_what(n)}")
+        n = None
+    names = state.get("class_names")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(c, str) for c in names):
+            out.append(f"class_names: expected a list of strings, got {_what(names)}")
+        elif n is not None and len(names) != n:
+            out.append(f"class_names: {len(names)} name(s) for a classifier of {n} classes (num_classes)")
+    ema = state.get("ema")
+    if ema is not None and not (isinstance(ema, dict) and _is_weights(ema.get("module"))):
+        out.append(f"ema: expected None or an EMA state with 'module' weights, got {_what(ema)}")
+    if state.get("eval_weights") not in (None, "model", "ema"):
+        out.append(f"eval_weights: expected 'model' or 'ema', got {_what(state.get('eval_weights'))}")
+    for key in ("epoch", "batch_in_epoch", "global_step"):
+        if key in state and not (_is_int(state[key]) and state[key] >= 0):
+            out.append(f"{key}: expected an integer >= 0, got {_what(state[key])}")
+    bm = state.get("best_metric")
+    if bm is not None and not (isinstance(bm, (int, float)) and not isinstance(bm, bool)):
+        out.append(f"best_metric: expected a number or None, got {_what(bm)}")
+    be = state.get("best_epoch")
+    if be is not None and not _is_int(be):
+        out.append(f"best_epoch: expected an integer or None, got {_what(be)}")
+    return out
 
 
 def _state_nbytes(obj: Any) -> int:
@@ -291,7 +372,11 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
     stored = state["config"]
     if "split_seed" not in stored.get("data", {}):  # schane < 0.2 drew the validation hold-out with train.seed
         stored = {**stored, "data": {**stored.get("data", {}), "split_seed": stored.get("train", {}).get("seed", 0)}}
-    cfg = from_dict(stored)
+    try:
+        cfg = from_dict(stored)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: its stored config is invalid ({e}); use a file written by "
+                              "'schane train'") from e
     num_classes = int(state["num_classes"])
     model = build_model(_offline_model_cfg(cfg.model), num_classes)
     try:
@@ -392,11 +477,19 @@ class CheckpointManager:
         Returns:
             The path written (on rank 0), else ``None``.
         """
-        from schane.distributed import barrier
-
         k = self.every_steps
         if k is None or global_step % k != 0 or batch_in_epoch >= n_batches:
             return None
+        return self.save_mid_epoch(epoch=epoch, batch_in_epoch=batch_in_epoch, global_step=global_step)
+
+    def save_mid_epoch(self, *, epoch: int, batch_in_epoch: int, global_step: int) -> Path | None:
+        """Write ``last.pt`` now, in the middle of an epoch (collective under DDP: every rank calls it).
+
+        Returns:
+            The path written (on rank 0), else ``None``.
+        """
+        from schane.distributed import barrier
+
         st = self.state(epoch, batch_in_epoch, global_step)
         path = save_checkpoint(self.last_path, st) if self.info.is_main else None
         barrier(self.info)

@@ -65,14 +65,52 @@ def evaluate(
     Raises:
         ValueError: when the data is empty or labels exceed the classifier's width.
     """
+    logits, labels = predict_logits(model, loader, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress, channels_last=channels_last)
+    return classification_metrics(logits, labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``{"top1", "top5", "loss", "n"}`` of logits ``[N, C]`` against labels ``[N]`` (top-5: top-min(5, C)).
+
+    Raises:
+        ValueError: when there are no rows.
+    """
+    n = int(labels.numel())
+    if n == 0:
+        raise ValueError("evaluation data is empty; check the split and the dataset root")
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = topk == labels[:, None]
+    return {"top1": int(hit[:, 0].sum()) / n, "top5": int(hit.any(1).sum()) / n,
+            "loss": float(F.cross_entropy(logits, labels, reduction="sum")) / n, "n": n}
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: DataLoader | Dataset,
+    *,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = False,
+    channels_last: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits for every item, in order (arguments as :func:`evaluate`).
+
+    Returns:
+        ``(logits[N, C] float32 on CPU, labels[N] int64 on CPU)``.
+
+    Raises:
+        ValueError: when labels exceed the classifier's width.
+    """
     dl = _as_loader(loader, batch_size, num_workers)
     dev = torch.device(device) if device is not None else model_device(model)
     fmt = _input_format(model, channels_last)
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    n = 0
+    all_logits, all_labels = [], []
     try:
         for x, y in _progress(dl, desc="eval", enabled=progress):
             x, y = x.to(dev, non_blocking=True).contiguous(memory_format=fmt), torch.as_tensor(y).to(dev)
@@ -88,17 +126,13 @@ def evaluate(
                     f"labels range [{int(y.min())}, {int(y.max())}] does not fit the classifier's {c} classes; "
                     "evaluate on a split with the training classes"
                 )
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            topk = logits.topk(min(5, c), dim=1).indices
-            hit = topk == y[:, None]
-            correct1 += int(hit[:, 0].sum())
-            correct5 += int(hit.any(1).sum())
-            n += y.numel()
+            all_logits.append(logits.cpu())
+            all_labels.append(y.long().cpu())
     finally:
         model.train(was_training)
-    if n == 0:
+    if not all_logits:
         raise ValueError("evaluation data is empty; check the split and the dataset root")
-    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
+    return torch.cat(all_logits), torch.cat(all_labels)
 
 
 @torch.no_grad()

@@ -88,7 +88,8 @@ class StepInfo:
 
 @dataclass
 class EpochStats:
-    """Running means of one epoch's micro-steps."""
+    """Running means of one epoch's micro-steps; ``stopped_at``: the batch after which a stop request ended
+    the epoch early (``None``: the epoch ran to its end)."""
 
     loss: float = 0.0
     ce: float = 0.0
@@ -96,6 +97,7 @@ class EpochStats:
     correct: int = 0
     seen: int = 0
     n: int = 0
+    stopped_at: int | None = None
 
     def record(self) -> dict[str, float]:
         """``train_loss``, ``train_ce``, ``train_contrastive``, ``train_acc`` (empty before any step)."""
@@ -177,7 +179,10 @@ def train_one_epoch(
     on_step: Callable[[StepInfo], None] | None = None,
     throughput: Throughput | None = None,
     progress: bool = False,
+    bars: bool = True,
+    log_every: int | None = None,
     desc: str = "",
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[EpochStats, int]:
     """Train on the batches of one epoch (from ``first_batch`` on, e.g. after a mid-epoch resume).
 
@@ -192,8 +197,13 @@ def train_one_epoch(
         batch_size: images per process and micro-step (for the throughput).
         on_step: called after every optimizer step with a :class:`StepInfo`.
         throughput: accumulates images per second across epochs (a fresh one when ``None``).
-        progress: show a bar on a terminal, or log a line every quarter epoch (at least every 25 batches).
+        progress: report progress: a bar on a terminal, else a log line every quarter epoch (at least every
+            25 batches).
+        bars: allow the bar (``False``: log lines even on a terminal).
+        log_every: batches between log lines (default: a quarter epoch, at least 25).
         desc: the bar's label.
+        stop: asked after every optimizer step except the epoch's last (collective under DDP); ``True`` ends
+            the epoch there and sets ``stats.stopped_at``.
 
     Returns:
         ``(stats, global_step)`` at the end of the epoch.
@@ -207,7 +217,7 @@ def train_one_epoch(
     tp = throughput if throughput is not None else Throughput()
     # in a log file: a line every quarter epoch (at most every 25 batches), the caller logs the epoch's end
     bar = progress_bar(n_batches, desc=desc, enabled=progress, initial=first_batch, log=True,
-                       log_every=max(25, math.ceil(n_batches / 4)), log_end=False)
+                       log_every=log_every or max(25, math.ceil(n_batches / 4)), log_end=False, bar=bars)
     tp.start()
     for b, (views, labels, ids) in enumerate(loader, start=first_batch):
         group_start = (b // accum) * accum
@@ -236,6 +246,9 @@ def train_one_epoch(
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss / stats.n:.3f}", acc=f"{stats.correct / max(stats.seen, 1):.3f}",
                         img_s=f"{tp.value:.1f}")
+        if is_step and b + 1 < n_batches and stop is not None and stop():
+            stats.stopped_at = b + 1
+            break
     bar.close()
     tp.stop(0)
     return stats, global_step

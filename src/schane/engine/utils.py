@@ -41,7 +41,11 @@ def sample_seed(*parts: int) -> int:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed Python and NumPy in a DataLoader worker from torch's per-worker seed."""
+    """Seed Python and NumPy in a DataLoader worker from torch's per-worker seed; ignore the stop signals
+    (SIGTERM, SIGUSR1), which the training process handles at a step boundary."""
+    from schane.distributed import ignore_stop_signals
+
+    ignore_stop_signals()
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
@@ -230,6 +234,24 @@ def resolve_channels_last(setting: bool | str, model: nn.Module) -> bool:
     return bool(setting)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store ``model``'s 4-D weights channels-last, except those with a 1x1 kernel, which keep standard strides.
+
+    A ``[O, I, 1, 1]`` weight has the same memory order in both formats and differs only in its stride
+    metadata, but the gradients of 1x1 convolutions come back with standard strides. DDP builds its
+    gradient buckets from the parameters' strides and warns ("Grad strides do not match bucket view
+    strides") and copies every such gradient; with standard strides on these weights it does neither.
+
+    Returns:
+        ``model`` (converted in place).
+    """
+    model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.ndim == 4 and tuple(p.shape[-2:]) == (1, 1):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
 def uses_channels_last(model: nn.Module) -> bool:
     """Whether ``model``'s spatial convolution weights are stored channels-last (so inputs should be too)."""
     for m in model.modules():
@@ -318,6 +340,50 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             records.append(rec)
     return records
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Cut a run's ``metrics.jsonl`` back to a checkpoint's ``global_step``, atomically.
+
+    On resume, the records logged after the checkpoint (steps above ``step``, and a ``final`` record) describe
+    weights that no longer exist and would be logged again: they are removed, so that every step appears once.
+    Malformed lines (a write cut by a kill) go too; records without a step (``start``) stay. The file is
+    rewritten to a temporary file beside it and renamed over it, so it is the old or the new log, never a mix.
+
+    Args:
+        path: the ``metrics.jsonl`` (nothing happens when it does not exist).
+        step: the checkpoint's ``global_step``.
+
+    Returns:
+        The number of lines removed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        s = rec.get("step", rec.get("global_step")) if isinstance(rec, dict) else None
+        later = isinstance(s, (int, float)) and not isinstance(s, bool) and s > step
+        if not isinstance(rec, dict) or later or rec.get("kind") == "final":
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        logger.info("%s: removed %d record(s) logged after the checkpoint's step %d", p, dropped, step)
+    return dropped
 
 
 class Throughput:

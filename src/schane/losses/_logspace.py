@@ -33,16 +33,25 @@ _KEEP_POSITIONS_RATIO = 16
 
 
 class _UnitRows(torch.autograd.Function):
-    """``z = x * r`` with ``r = 1 / |x|`` per row (0 where ``|x| <= 1e-12``); backward ``r (dz - z (z . dz))``."""
+    """``z = x * r`` with ``r = 1 / |x|`` per row (0 where ``|x| <= 1e-12``); backward ``r (dz - z (z . dz))``.
+
+    Each row is first divided by its largest absolute entry ``a``, so the norm never overflows (finite rows with
+    norms up to ~1e38 and beyond in float32) nor underflows: ``z = (x / a) / |x / a|``, ``r = (1 / a) / |x / a|``.
+    Returns ``(z, a)``; ``a`` is NaN or inf exactly when the row holds a NaN or inf.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        inv = torch.where(norm > _NORM_EPS, 1.0 / norm.clamp(min=_NORM_EPS), 0.0)
-        z = x * inv
+        amax = x.abs().amax(dim=1, keepdim=True) if x.shape[1] > 0 else x.new_zeros(x.shape[0], 1)
+        safe = torch.where(amax > 0, amax, 1.0)
+        scaled = x / safe
+        snorm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # in [1, sqrt(D)] for a non-zero row
+        keep = (amax > 0) & (snorm * amax > _NORM_EPS)
+        z = torch.where(keep, scaled / snorm.clamp(min=1.0), 0.0)
+        inv = torch.where(keep, (1.0 / safe) / snorm.clamp(min=1.0), 0.0)
         ctx.save_for_backward(z, inv)
-        ctx.mark_non_differentiable(norm)
-        return z, norm
+        ctx.mark_non_differentiable(amax)
+        return z, amax
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -57,15 +66,15 @@ def unit_rows(x: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
 
     Equal to ``F.normalize(x, dim=1)`` (up to rounding) on every other row. ``F.normalize`` maps a zero row to
     ``x / 1e-12`` and so multiplies its gradient by ``1e12``; here such a row is a constant zero vector instead.
+    Rows are scaled by their largest absolute entry before the norm is taken, so finite rows of any size
+    (float32 norms of 1e19 to 1e38, whose squares overflow) are normalised exactly, not treated as zero.
 
     Raises:
         ValueError: if ``x`` contains NaN or inf (checked on the row norms; ``name`` is used in the message).
     """
-    z, norm = _UnitRows.apply(x)
-    if not bool(torch.isfinite(norm).all()):
-        check_finite(
-            x, name
-        )  # a norm can also overflow on finite values; those rows become 0, as with F.normalize
+    z, amax = _UnitRows.apply(x)
+    if not bool(torch.isfinite(amax).all()):
+        check_finite(x, name)
     return z
 
 

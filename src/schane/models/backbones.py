@@ -14,6 +14,8 @@ Names:
   image-classification model. ``"beit3_tiny"`` is a small random configuration for tests.
   ``model.backbone_kwargs`` overrides any torchscale ``EncoderConfig`` field (``img_size``,
   ``encoder_layers``, ...).
+* ``"hf:PATH_OR_ID"``: a 🤗 transformers image model (a ``save_pretrained`` folder or a cached Hub id),
+  see :mod:`schane.models.hf`.
 * anything else: a timm model name (optionally with a pretrained tag, e.g. ``vit_base_patch16_224.augreg_in21k``).
 """
 
@@ -219,6 +221,28 @@ class Beit3Backbone(nn.Module):
     def num_layers(self) -> int:
         return int(self.args.encoder_layers)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder layer's activations in the backward pass instead of storing them (timm's API).
+
+        Parameter names stay those of the official checkpoints (the layers' ``forward`` is wrapped in
+        :func:`torch.utils.checkpoint.checkpoint`, non-reentrant; drop-path draws are replayed exactly).
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.beit3.encoder.layers:
+            if "forward" in vars(layer):  # undo an earlier wrapper
+                del layer.forward
+            if enable:
+                plain = layer.forward
+
+                def forward(*args: Any, _f: Any = plain, **kwargs: Any) -> Any:
+                    if not torch.is_grad_enabled():
+                        return _f(*args, **kwargs)
+                    return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+                layer.forward = forward
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Token features.
 
@@ -360,6 +384,12 @@ def create_backbone(
     if not isinstance(name, str) or not name:
         raise ValueError("model.backbone must be a non-empty model name")
     report: LoadReport | None = None
+    if name.startswith("hf:"):
+        from .hf import HFBackbone
+
+        if checkpoint is not None:
+            raise ValueError(f"{name}: the weights come from the transformers folder; unset model.checkpoint")
+        return HFBackbone(name, pretrained=pretrained, drop_path=drop_path, drop_rate=drop_rate, **kwargs), None
     if is_beit3(name):
         backbone: nn.Module = Beit3Backbone(name, drop_path_rate=drop_path, drop_rate=drop_rate, **kwargs)
         if checkpoint is None and pretrained:

@@ -136,8 +136,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int, *, strict: bool = True
         A :class:`SCHaNeModel` on the CPU.
 
     Raises:
-        ValueError: for an invalid ``num_classes``/``proj_dim``, an unknown backbone, or a
-            checkpoint that does not fit the backbone.
+        ValueError: for an invalid ``num_classes``/``proj_dim``, an unknown backbone, a checkpoint that
+            does not fit the backbone, or ``grad_checkpointing`` on a backbone without it.
         FileNotFoundError: when ``model_cfg.checkpoint`` does not exist.
         PretrainedWeightsUnavailable: when hub weights can be neither found nor downloaded.
     """
@@ -154,4 +154,13 @@ def build_model(model_cfg: ModelConfig, num_classes: int, *, strict: bool = True
         strict=strict,
         **dict(model_cfg.backbone_kwargs or {}),
     )
+    if getattr(model_cfg, "grad_checkpointing", False):
+        if not hasattr(backbone, "set_grad_checkpointing"):
+            raise ValueError(f"model.grad_checkpointing: backbone {model_cfg.backbone!r} does not support activation "
+                             "checkpointing (timm transformers and BEiT-3 do); set model.grad_checkpointing=false")
+        try:
+            backbone.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as e:
+            raise ValueError(f"model.grad_checkpointing: backbone {model_cfg.backbone!r} does not support activation "
+                             f"checkpointing ({e or 'not implemented'}); set model.grad_checkpointing=false") from None
     return SCHaNeModel(backbone, num_classes, model_cfg.proj_dim, load_report=report)

@@ -73,7 +73,7 @@ def output_paths(out: str | Path) -> tuple[Path, str]:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ValueError(f"--out {p}: writing parquet needs pyarrow (pip install pyarrow); or pass a .npy file "
+            raise ValueError(f"--out {p}: writing parquet needs pyarrow (pip install 'schane[data]'); or pass a .npy file "
                              "(a .csv of paths and labels is written beside it)") from None
     if p.exists() and p.is_dir():
         raise ValueError(f"--out {p} is a folder; pass a file name such as {p / 'embeddings.npy'}")

@@ -28,9 +28,14 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +67,7 @@ class ExportResult:
     Attributes:
         out_dir: the export folder.
         files: the files written, in order.
-        kind: ``"timm"`` or ``"beit3"``.
+        kind: ``"timm"``, ``"beit3"`` or ``"hf"`` (transformers, :mod:`schane.pipelines.export_hf`).
         weights: ``"ema"`` or ``"model"``: which of the checkpoint's weights were exported.
         num_classes: the classifier's width.
         class_names: the classes in label order, or ``None`` when the checkpoint stores none.
@@ -82,29 +87,107 @@ class ExportResult:
     snippet: str
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, *, heads: bool = False) -> ExportResult:
+def export_checkpoint(path: str | Path, out_dir: str | Path, *, heads: bool = False,
+                      force: bool = False) -> ExportResult:
     """Export a training checkpoint's evaluated weights, class names, preprocessing and config.
+
+    The export is written and verified in a temporary folder beside ``out_dir``, then put in place: a new or
+    empty ``out_dir``, or a previous export (its ``config.json`` is a schane export's and it holds nothing
+    else), is replaced whole by renames, so a reader sees the old export or the new one. Any other non-empty
+    folder is refused unless ``force``; then the export's four files are replaced in it one by one (each
+    atomically) and the folder's other files are left alone.
 
     Args:
         path: a ``best.pt``/``last.pt`` written by ``schane train``.
-        out_dir: the folder to write (created; files of an earlier export there are replaced).
+        out_dir: the folder to write (created when missing).
         heads: also export the classifier (into ``model.safetensors`` under the backbone's own head key) and
             the projection head (``heads.safetensors``).
+        force: write into a non-empty folder that is not a previous export (its files of the same names
+            are overwritten).
 
     Returns:
         An :class:`ExportResult`.
 
     Raises:
         FileNotFoundError: when the checkpoint is missing.
-        ValueError: on a corrupt or incompatible checkpoint, an unusable output folder, or an export that does
-            not reproduce schane's outputs when loaded back.
+        ValueError: on a corrupt or incompatible checkpoint, an unusable output folder, a non-empty folder that
+            is not a previous export (without ``force``), or an export that does not reproduce schane's outputs
+            when loaded back.
     """
+    out = _check_out_dir(out_dir)
+    whole = _replaceable(out)
+    if not whole and not force:
+        raise ValueError(f"--out {out} already holds files that a schane export did not write "
+                         f"({_listing(out)}); pass an empty or new folder, or --force to overwrite its "
+                         f"{', '.join(EXPORT_FILES)}")
+    loaded = load_for_evaluation(path)
+    _create(out.parent)
+    stage = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        stage.mkdir()  # the folder's usual permissions (mkdtemp's would be 0700)
+    except OSError as e:
+        raise ValueError(f"cannot write beside the export folder {out} ({e.strerror or e}); pass a folder you can "
+                         "write") from None
+    try:
+        result = _export_into(stage, out, path, loaded, heads)
+        _install(stage, out, whole=whole)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dataclasses.replace(result, out_dir=out, files=[out / f.name for f in result.files])
+
+
+EXPORT_FILES = (MODEL_FILE, HEADS_FILE, CONFIG_FILE, CARD_FILE)
+
+
+def _listing(folder: Path, limit: int = 3) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether ``out`` is missing, empty, or a previous export and nothing else (then it is replaced whole)."""
+    if not out.is_dir():
+        return True
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return True
+    if not names <= set(EXPORT_FILES) or CONFIG_FILE not in names:
+        return False
+    try:
+        marker = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8")).get("schane", {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return marker == EXPORT_FORMAT
+
+
+def _install(stage: Path, out: Path, *, whole: bool) -> None:
+    """Put the files of ``stage`` in place at ``out`` (see :func:`export_checkpoint`)."""
+    if not whole:
+        for f in EXPORT_FILES:
+            if (stage / f).exists():
+                os.replace(stage / f, out / f)
+            elif f == HEADS_FILE:
+                (out / f).unlink(missing_ok=True)  # from an earlier export with --heads
+        return
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+    os.replace(out, old / "x")
+    try:
+        os.replace(stage, out)
+    except OSError:
+        os.replace(old / "x", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_into(out: Path, final: Path, path: str | Path, loaded: Any, heads: bool) -> ExportResult:
+    """Write and verify the export in the folder ``out``, whose files will end up in ``final``."""
     from schane.engine.checkpoint import evaluation_weights, load_checkpoint
 
-    out = _check_out_dir(out_dir)
-    loaded = load_for_evaluation(path)
     state = load_checkpoint(path)
-    _create(out)
     which = "ema" if evaluation_weights(state) is not state["model"] else "model"
     model, cfg = loaded.model.cpu().eval(), loaded.cfg
     if loaded.class_names is None:
@@ -113,7 +196,12 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, heads: bool = Fa
         raise ValueError(f"{path} is inconsistent: {len(loaded.class_names)} class names for a classifier of "
                          f"{loaded.num_classes} classes; it is corrupt")
     from schane.models.backbones import is_beit3
+    from schane.models.hf import is_hf
 
+    if is_hf(cfg.model.backbone):  # save_pretrained layout: schane.pipelines.export_hf
+        from schane.pipelines.export_hf import export_hf
+
+        return export_hf(loaded, state, path, out, which=which, heads=heads)
     kind = "beit3" if is_beit3(cfg.model.backbone) else "timm"
     if kind == "beit3":
         tensors, layout, clf_key = _beit3_layout(model, heads)
@@ -123,21 +211,14 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, heads: bool = Fa
     files = [_save(out / MODEL_FILE, tensors)]
     if heads:
         files.append(_save(out / HEADS_FILE, _heads_tensors(model)))
-    else:
-        (out / HEADS_FILE).unlink(missing_ok=True)  # from an earlier export with --heads
-    try:
-        diff = _verify(out, config, model, img_size=_verify_size(cfg, model, kind))
-    except ValueError:
-        for f in files:  # never leave weights behind that do not do what config.json says
-            f.unlink(missing_ok=True)
-        raise
+    diff = _verify(out, config, model, img_size=_verify_size(cfg, model, kind))  # a failure keeps nothing
     config["schane"]["verified_max_abs_diff"] = diff
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    snippet = load_snippet(config, out)
+    snippet = load_snippet(config, final)
     (out / CARD_FILE).write_text(model_card(config, snippet))
     files += [out / CONFIG_FILE, out / CARD_FILE]
     logger.info("exported %s (%s weights) to %s; reloaded outside schane, largest output difference %.2e",
-                cfg.model.backbone, which, out, diff)
+                cfg.model.backbone, which, final, diff)
     return ExportResult(out, files, kind, which, loaded.num_classes, loaded.class_names, clf_key, diff, snippet)
 
 

@@ -46,11 +46,24 @@ def load_split(cfg: Config, split: str, transform: Any = None) -> Any:
         ValueError: on an unknown dataset, split or option.
         FileNotFoundError: when the data is missing.
     """
+    d = cfg.data
+    return read_split(d.name, d.root, split, transform, split_seed=d.split_seed, val_fraction=d.val_fraction,
+                      download=d.download, options=d.options)
+
+
+def read_split(name: str, root: str | None, split: str, transform: Any = None, *, split_seed: int,
+               val_fraction: float, options: Mapping[str, Any], download: bool = False) -> Any:
+    """One split of a dataset given by its parts rather than a config (``--data`` reads splits before its
+    config exists); :func:`load_split` is this with ``cfg.data``'s values.
+
+    Raises:
+        ValueError: on an unknown dataset, split or option.
+        FileNotFoundError: when the data is missing.
+    """
     from schane.data import get_dataset
 
-    d = cfg.data
-    return get_dataset(d.name, d.root, split, transform, seed=d.split_seed, val_fraction=d.val_fraction,
-                       download=d.download, **d.options)
+    return get_dataset(name, root, split, transform, seed=split_seed, val_fraction=val_fraction,
+                       download=download, **options)
 
 
 def dataset_splits(cfg: Config) -> tuple[str, ...]:
@@ -174,7 +187,7 @@ def load_for_evaluation(path: str | Path, overrides: Sequence[str] | None = None
         ValueError: on a corrupt checkpoint, weights that do not fit the model of its config (one line naming the
             first mismatched tensors), or an override of a ``model.*`` key (the weights fix the model).
     """
-    from schane.engine.checkpoint import CheckpointError, load_checkpoint_model
+    from schane.engine.checkpoint import CheckpointError, CheckpointFieldError, load_checkpoint_model
     from schane.engine.utils import resolve_device
 
     for item in overrides or []:
@@ -182,6 +195,8 @@ def load_for_evaluation(path: str | Path, overrides: Sequence[str] | None = None
             raise ValueError(f"override {item!r}: the model is fixed by the checkpoint's weights; override data.* etc.")
     try:
         model, cfg, num_classes = load_checkpoint_model(path)
+    except CheckpointFieldError:  # one line, then one line per malformed field
+        raise
     except CheckpointError as e:  # torch lists every mismatched tensor on its own line: keep the report one line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         if len(lines) <= 1:
@@ -189,10 +204,22 @@ def load_for_evaluation(path: str | Path, overrides: Sequence[str] | None = None
         more = f"; ... ({len(lines) - 3} more)" if len(lines) > 3 else ""
         raise CheckpointError(f"{lines[0]} {'; '.join(lines[1:3])}{more}") from e
     cfg = with_overrides(cfg, overrides)
+    _find_moved_split_lists(cfg, Path(path))
     device = resolve_device(cfg.train.device)
     model = prepare_for_inference(model, cfg, device)
     names = getattr(model, "class_names", None)
     return Loaded(model, cfg, num_classes, list(names) if names is not None else None, device, Path(path))
+
+
+def _find_moved_split_lists(cfg: Config, checkpoint: Path) -> None:
+    """A ``--data`` run's split lists where the run directory now is, when it was moved or copied since."""
+    lists = cfg.data.options.get("split_lists")
+    if lists is None or Path(lists).is_dir():
+        return
+    beside = checkpoint.parent / "splits"
+    if (beside / "classes.txt").is_file():
+        logger.info("split lists %s not found; reading those beside the checkpoint, %s", lists, beside)
+        cfg.data.options = {**cfg.data.options, "split_lists": str(beside.resolve())}
 
 
 def prepare_for_inference(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:

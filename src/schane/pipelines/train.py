@@ -26,9 +26,11 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from schane.config import Config, to_dict, validate
-from schane.distributed import DistInfo, barrier, init_distributed, shutdown
+from schane.data.wds import training_stream
+from schane.distributed import (
+    PREEMPTED_EXIT_CODE,
+    DistInfo,
+    StopSignals,
+    barrier,
+    init_distributed,
+    restarted_by_torchelastic,
+    shutdown,
+)
 from schane.engine.checkpoint import (
     CheckpointManager,
     evaluation_weights,
@@ -45,6 +56,7 @@ from schane.engine.checkpoint import (
     remove_stale_temporaries,
 )
 from schane.engine.loop import StepInfo, TrainParts, train_one_epoch
+from schane.engine.runlock import run_lock
 from schane.engine.utils import (
     IndexedDataset,
     MetricsLogger,
@@ -55,6 +67,8 @@ from schane.engine.utils import (
     resolve_channels_last,
     resolve_device,
     seed_everything,
+    to_channels_last,
+    truncate_metrics,
     worker_init_fn,
 )
 from schane.models.small_maps import helps_on, small_map_convolutions
@@ -66,10 +80,29 @@ from schane.pipelines.setup import (
     prepare_run_dir,
     train_transform_for,
 )
+from schane.progress import format_duration
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingPreempted(Exception):
+    """A stop signal ended the run at a step boundary after ``last.pt`` was written (every rank raises it).
+
+    Attributes:
+        checkpoint: the run's ``last.pt`` (continue with ``resume="auto"`` / ``--resume auto``).
+        signal: the name of the signal that stopped the run.
+        global_step: optimizer steps in the checkpoint.
+        exit_code: what the command-line tool exits with (:data:`schane.distributed.PREEMPTED_EXIT_CODE`).
+    """
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, checkpoint: Path, signal: str, global_step: int) -> None:
+        super().__init__(f"stopped by {signal} at step {global_step}; {checkpoint} holds the run, continue it "
+                         "with --resume auto")
+        self.checkpoint, self.signal, self.global_step = checkpoint, signal, global_step
 
 
 @dataclass
@@ -81,12 +114,14 @@ class TrainResult:
         best_checkpoint: ``best.pt`` (best validation top-1), or ``None`` without a validation split.
         last_checkpoint: ``last.pt`` (end of training; what ``--resume`` continues from).
         metrics: the contents of ``final.json``.
+        report: ``report.md`` of the run (test split evaluated, ``train.report`` on), else ``None``.
     """
 
     run_dir: Path
     best_checkpoint: Path | None
     last_checkpoint: Path
     metrics: dict[str, Any]
+    report: Path | None = None
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:
@@ -108,6 +143,8 @@ def train(cfg: Config, resume: str | None = None, *, callback: StepCallback | No
         cfg: the run configuration (validated again here).
         resume: a checkpoint to continue from, ``"auto"`` for ``run_dir/last.pt`` (a fresh start when it does
             not exist yet), or ``None`` for a fresh run. Resuming a finished run changes nothing and returns it.
+            A process that torchrun restarted (``TORCHELASTIC_RESTART_COUNT > 0``) resumes as with ``"auto"``,
+            and refuses a run directory whose checkpoint holds another config.
         callback: called on every rank after each optimizer step with a dict holding ``epoch``,
             ``global_step``, ``batch_in_epoch``, ``loss`` and ``checkpoint`` (path written at this step or ``None``).
 
@@ -115,9 +152,12 @@ def train(cfg: Config, resume: str | None = None, *, callback: StepCallback | No
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: on an invalid config, a run directory that already holds a run (without ``resume``), an
+        ValueError: on an invalid config, a run directory that already holds a run (without ``resume``) or that
+            another process trains into (:class:`~schane.engine.runlock.RunLockedError`, naming it), an
             unusable output path, a corrupt checkpoint or a too-small dataset.
         FileNotFoundError: when the data or the resume checkpoint is missing.
+        TrainingPreempted: when one of ``train.stop_signals`` arrived: every rank stopped at the same step and
+            ``last.pt`` holds the run.
     """
     validate(cfg)
     info = init_distributed(cfg.train.device)
@@ -142,6 +182,18 @@ def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info: DistInfo) -> TrainResult:
     run_dir = cfg.run_dir
     prepare_run_dir(run_dir, create=info.is_main)
+    elastic = resume is None and restarted_by_torchelastic()
+    if elastic:  # torchrun restarted the workers: continue the run they were training
+        resume = "auto"
+        if info.is_main:
+            logger.info("torchrun restart %s: resuming from %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                        run_dir / "last.pt")
+    with run_lock(run_dir, enabled=info.is_main):  # rank 0 holds the run directory for the whole job
+        return _train_locked(cfg, resume, callback, info, run_dir, elastic)
+
+
+def _train_locked(cfg: Config, resume: str | None, callback: StepCallback | None, info: DistInfo,
+                  run_dir: Path, elastic: bool) -> TrainResult:
     resume_path = _resolve_resume(resume, run_dir)
     if resume_path is None and (run_dir / "last.pt").exists():
         raise ValueError(
@@ -151,6 +203,9 @@ def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info:
     if resume == "auto" and resume_path is None and info.is_main:
         logger.info("--resume auto: no %s yet, starting a fresh run", run_dir / "last.pt")
     state = load_checkpoint(resume_path) if resume_path is not None else None
+    if elastic and state is not None and (diff := config_diff(state["config"], to_dict(cfg))):
+        raise ValueError(f"{resume_path} holds a run of another config ({'; '.join(diff[:3])}); a restarted job "
+                         "continues only its own run: pick another name (--set name=NEW) or output_dir")
     if state is not None and _finished(state, cfg) and (run_dir / "final.json").is_file():
         if info.is_main:
             logger.info("%s: the run is finished (epoch %d of %d); nothing to resume, reusing it",
@@ -162,9 +217,17 @@ def _train(cfg: Config, resume: str | None, callback: StepCallback | None, info:
     start = _start(cfg, run, state, resume_path, info)
     log = _open_log(cfg, run, info, fresh=state is None)
     tp, t_loop = Throughput(), time.perf_counter()
+    stop = StopSignals(cfg.train.stop_signals).install()
     # on a CPU, convolutions on small maps (the last stages at small image sizes) run as matrix products
-    with small_map_convolutions(run.parts.raw_model, enabled=helps_on(run.parts.device)):
-        last_val = _fit(cfg, run, start, log, callback, tp)
+    try:
+        with small_map_convolutions(run.parts.raw_model, enabled=helps_on(run.parts.device)):
+            last_val = _fit(cfg, run, start, log, callback, tp, stop)
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
+    finally:
+        stop.restore()
     final = {
         "loss": cfg.loss.name,
         "epochs": cfg.optim.epochs,
@@ -194,8 +257,10 @@ def _finished(state: dict[str, Any], cfg: Config) -> bool:
 
 def _result(run_dir: Path, final: dict[str, Any]) -> TrainResult:
     best = run_dir / "best.pt"
+    report = final.get("report")
     return TrainResult(run_dir=run_dir, best_checkpoint=best if best.exists() else None,
-                       last_checkpoint=run_dir / "last.pt", metrics=final)
+                       last_checkpoint=run_dir / "last.pt", metrics=final,
+                       report=Path(report) if report else None)
 
 
 @dataclass
@@ -211,6 +276,7 @@ class _Run:
     steps_per_epoch: int
     peak_lr: float
     global_step: int = 0
+    stream: Any = None
 
 
 def _load_splits(cfg: Config, info: DistInfo) -> tuple[Any, Any, Any]:
@@ -240,10 +306,12 @@ def _setup(cfg: Config, info: DistInfo) -> _Run:
     num_classes = len(train_base.classes)
     if num_classes < 2:
         raise ValueError(f"dataset {cfg.data.name!r} has {num_classes} class(es) in its train split; need >= 2")
+    if len(train_base) // (cfg.data.batch_size * info.world_size) < 1:  # before the model is built
+        epoch_batches(len(train_base), cfg.data.batch_size, epoch=0, seed=cfg.train.seed, world_size=info.world_size)
     model = build_model(cfg.model, num_classes).to(device)
     channels_last = resolve_channels_last(cfg.train.channels_last, model)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)  # 1x1 weights keep standard strides: DDP's buckets match their gradients
     train_ds = SeededTransformDataset(train_base, TwoViews(train_transform_for(cfg, model)), cfg.train.seed)
     eval_tf = eval_transform_for(cfg, model)
     val_ds = IndexedDataset(val_base, eval_tf) if val_base is not None and len(val_base) > 0 else None
@@ -251,6 +319,9 @@ def _setup(cfg: Config, info: DistInfo) -> _Run:
     nb = len(train_base) // (cfg.data.batch_size * info.world_size)
     if nb < 1:  # raises the explanatory error
         epoch_batches(len(train_base), cfg.data.batch_size, epoch=0, seed=cfg.train.seed, world_size=info.world_size)
+    stream = training_stream(cfg.data, train_ds.transform, cfg.train.seed, info.rank, info.world_size)
+    if stream is not None:  # data.name=wds with data.options.stream=true: the shards read in order
+        nb = stream.batches_per_epoch(cfg.data.batch_size, cfg.data.num_workers)
     accum = cfg.optim.accum_steps
     if cfg.train.max_steps_per_epoch is not None:
         nb = min(nb, cfg.train.max_steps_per_epoch * accum)
@@ -277,7 +348,7 @@ def _setup(cfg: Config, info: DistInfo) -> _Run:
     parts = TrainParts(wrapped, model, optimizer, scheduler, scaler, criterion, device, amp_dtype, info, ema, queue,
                        accum, cfg.optim.clip_grad, channels_last)
     manager = CheckpointManager(cfg.run_dir, parts, to_dict(cfg), train_base.classes, cfg.train.ckpt_every_steps)
-    return _Run(parts, manager, train_ds, val_ds, test_ds, nb, steps_per_epoch, lr)
+    return _Run(parts, manager, train_ds, val_ds, test_ds, nb, steps_per_epoch, lr, stream=stream)
 
 
 def _start(cfg: Config, run: _Run, state: dict[str, Any] | None, path: Path | None, info: DistInfo) -> tuple[int, int]:
@@ -302,6 +373,8 @@ def _open_log(cfg: Config, run: _Run, info: DistInfo, *, fresh: bool) -> Metrics
     from schane.config import save_config
 
     save_config(cfg, cfg.run_dir / "config.yaml")
+    if not fresh:  # the log describes the weights' trajectory: records after the checkpoint's step go
+        truncate_metrics(cfg.run_dir / "metrics.jsonl", run.global_step)
     log = MetricsLogger(cfg.run_dir, cfg.train.tensorboard)
     if fresh:
         p = run.parts
@@ -312,18 +385,23 @@ def _open_log(cfg: Config, run: _Run, info: DistInfo, *, fresh: bool) -> Metrics
             "steps_per_epoch": run.steps_per_epoch, "num_classes": len(run.manager.class_names),
             "train_images": len(run.train_ds), "val_images": len(run.val_ds) if run.val_ds is not None else 0,
         })
-        logger.info("training %s: %d images of %d classes, %d epochs of %d steps, peak lr %.3g, run dir %s",
-                    cfg.name, len(run.train_ds), len(run.manager.class_names), cfg.optim.epochs,
-                    run.steps_per_epoch, run.peak_lr, cfg.run_dir)
+        logger.info("training %s: %d images of %d classes, %d epochs of %d steps, peak lr %.3g, world size %d, "
+                    "run dir %s", cfg.name, len(run.train_ds), len(run.manager.class_names), cfg.optim.epochs,
+                    run.steps_per_epoch, run.peak_lr, info.world_size, cfg.run_dir)
     return log
 
 
 def _fit(cfg: Config, run: _Run, start: tuple[int, int], log: MetricsLogger | None,
-         callback: StepCallback | None, tp: Throughput) -> dict[str, Any] | None:
-    """Every remaining epoch: train, validate, checkpoint. Returns the last validation's summary."""
+         callback: StepCallback | None, tp: Throughput, stop: StopSignals) -> dict[str, Any] | None:
+    """Every remaining epoch: train, validate, checkpoint. Returns the last validation's summary.
+
+    Raises:
+        TrainingPreempted: after a stop signal, once ``last.pt`` holds the step every rank stopped at.
+    """
     p, info = run.parts, run.parts.info
     start_epoch, start_batch = start
     epochs, last_val = cfg.optim.epochs, None
+    eta = _Eta(epochs * run.steps_per_epoch, run.global_step) if info.is_main else None
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         run.train_ds.epoch = epoch
@@ -335,12 +413,22 @@ def _fit(cfg: Config, run: _Run, start: tuple[int, int], log: MetricsLogger | No
             worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + epoch),
             pin_memory=p.device.type == "cuda",
         )
-        on_step = _step_hook(cfg, run, log, callback)
+        if run.stream is not None:
+            run.stream.set_epoch(epoch, first, cfg.data.batch_size)
+            loader = islice(DataLoader(run.stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                       worker_init_fn=worker_init_fn, pin_memory=p.device.type == "cuda"),
+                            run.n_batches - first)
+        on_step = _step_hook(cfg, run, log, callback, eta)
         stats, run.global_step = train_one_epoch(
             p, loader, epoch=epoch, n_batches=run.n_batches, first_batch=first, global_step=run.global_step,
             batch_size=cfg.data.batch_size, on_step=on_step, throughput=tp,
-            progress=cfg.train.progress and info.is_main, desc=f"epoch {epoch + 1}/{epochs}",
+            progress=info.is_main, bars=cfg.train.progress, desc=f"epoch {epoch + 1}/{epochs}",
+            # a log line every quarter epoch, at most every train.log_every_steps steps
+            log_every=max(cfg.train.log_every_steps * p.accum_steps, math.ceil(run.n_batches / 4)),
+            stop=lambda: stop.agreed(info, p.device),
         )
+        if stats.stopped_at is not None:
+            _preempt(run, log, stop, epoch, stats.stopped_at)
         record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": run.global_step, **stats.record(),
                                   "images_per_s": tp.value}
         metric = None
@@ -353,8 +441,29 @@ def _fit(cfg: Config, run: _Run, start: tuple[int, int], log: MetricsLogger | No
                 record["best_val_top1"] = run.manager.best_metric
             log.log(record, step=run.global_step)
             _epoch_line(cfg, epoch, record, time.perf_counter() - t0)
+            if eta is not None and first == 0:
+                eta.epoch(run.global_step, epochs - epoch - 1, time.perf_counter() - t0)
         barrier(info)
+        if epoch + 1 < epochs and stop.agreed(info, p.device):  # last.pt of the epoch's end is written
+            _preempt(run, log, stop, epoch + 1, 0, saved=True)
     return last_val
+
+
+def _preempt(run: _Run, log: MetricsLogger | None, stop: StopSignals, epoch: int, batch: int,
+             saved: bool = False) -> None:
+    """Write ``last.pt`` at this step boundary (every rank), log the stop and raise :class:`TrainingPreempted`."""
+    t0 = time.perf_counter()
+    if not saved:
+        run.manager.save_mid_epoch(epoch=epoch, batch_in_epoch=batch, global_step=run.global_step)
+    seconds = time.perf_counter() - t0
+    signal_name = stop.received or "a stop request"
+    if log is not None:
+        log.log({"kind": "stopped", "signal": signal_name, "epoch": epoch, "batch_in_epoch": batch,
+                 "step": run.global_step, "checkpoint_seconds": seconds}, step=run.global_step)
+        logger.warning("%s: stopped at epoch %d, batch %d (step %d); checkpoint written in %.1f s to %s; exit %d, "
+                       "continue with --resume auto", signal_name, epoch + 1, batch, run.global_step, seconds,
+                       run.manager.last_path, PREEMPTED_EXIT_CODE)
+    raise TrainingPreempted(run.manager.last_path, signal_name, run.global_step)
 
 
 def _validate(cfg: Config, run: _Run, record: dict[str, Any]) -> float:
@@ -370,8 +479,37 @@ def _validate(cfg: Config, run: _Run, record: dict[str, Any]) -> float:
     return metric
 
 
-def _step_hook(cfg: Config, run: _Run, log: MetricsLogger | None, callback: StepCallback | None) -> Callable[[StepInfo], None]:
+class _Eta:
+    """The estimated time of the whole run, logged once after the first steps and again after the first epoch."""
+
+    STEPS = 5
+
+    def __init__(self, total_steps: int, done: int) -> None:
+        self.total, self.start_step, self.t0 = total_steps, done, time.perf_counter()
+        self.told_steps = self.told_epoch = False
+
+    def step(self, global_step: int) -> None:
+        n = global_step - self.start_step
+        if self.told_steps or n < self.STEPS:
+            return
+        self.told_steps = True
+        per = (time.perf_counter() - self.t0) / n
+        logger.info("estimated time: %s for the remaining %d steps (%.2f s per step after %d steps; evaluation "
+                    "extra)", format_duration(per * (self.total - global_step)), self.total - global_step, per, n)
+
+    def epoch(self, global_step: int, epochs_left: int, epoch_seconds: float) -> None:
+        if self.told_epoch or epochs_left <= 0:
+            return
+        self.told_epoch = True
+        logger.info("estimated time: %s for the remaining %d epochs (%.0f s per epoch with its evaluation)",
+                    format_duration(epochs_left * epoch_seconds), epochs_left, epoch_seconds)
+
+
+def _step_hook(cfg: Config, run: _Run, log: MetricsLogger | None, callback: StepCallback | None,
+               eta: _Eta | None = None) -> Callable[[StepInfo], None]:
     def on_step(s: StepInfo) -> None:
+        if eta is not None:
+            eta.step(s.global_step)
         if log is not None and s.global_step % cfg.train.log_every_steps == 0:
             log.log({"kind": "train_step", "epoch": s.epoch, "step": s.global_step, "loss": s.loss, "ce": s.ce,
                      "contrastive": s.contrastive, "lr": s.lr, "images_per_s": s.images_per_s}, step=s.global_step)
@@ -385,8 +523,6 @@ def _step_hook(cfg: Config, run: _Run, log: MetricsLogger | None, callback: Step
 
 
 def _epoch_line(cfg: Config, epoch: int, record: dict[str, Any], seconds: float) -> None:
-    if not cfg.train.progress:
-        return
     parts = [f"epoch {epoch + 1}/{cfg.optim.epochs}"]
     if "train_loss" in record:
         parts.append(f"train loss {record['train_loss']:.3f}, acc {100 * record['train_acc']:.1f}%")
@@ -401,28 +537,36 @@ def _final_test(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
     """Evaluate the selected weights (``best.pt``'s, else the last) on the test split, once."""
     if run.test_ds is None:
         return
-    from schane.engine.evaluate import evaluate
+    from schane.engine.evaluate import classification_metrics, predict_logits
 
     p = run.parts
     eval_model = copy.deepcopy(p.ema.module if p.ema is not None else p.raw_model)
     if run.manager.best_path.exists():
         best = load_checkpoint(run.manager.best_path)
         eval_model.load_state_dict(evaluation_weights(best))
-        final["test_weights"] = f"best.pt (epoch {best['best_epoch']})"
+        final["test_weights"] = f"best.pt (epoch {int(best['best_epoch']) + 1} of {cfg.optim.epochs})"
     else:
         final["test_weights"] = "last"
-    final["test"] = evaluate(eval_model, run.test_ds, batch_size=cfg.data.eval_batch_size, device=p.device,
-                             amp_dtype=p.amp_dtype, num_workers=cfg.data.num_workers, progress=cfg.train.progress)
+    logits, labels = predict_logits(eval_model, run.test_ds, batch_size=cfg.data.eval_batch_size, device=p.device,
+                                    amp_dtype=p.amp_dtype, num_workers=cfg.data.num_workers,
+                                    progress=cfg.train.progress)
+    final["test"] = classification_metrics(logits, labels)
+    if cfg.train.report:
+        from schane.pipelines.run_report import write_run_report
+
+        best = run.manager.best_metric
+        report = write_run_report(cfg, cfg.run_dir, logits, labels, run.test_ds.base, weights=final["test_weights"],
+                                  final={**final, "best_val_top1": best})
+        final["report"] = str(report)
 
 
 def _summary(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
-    if not cfg.train.progress:
-        return
     best, epoch = run.manager.best_metric, run.manager.best_epoch
     msg = "done: " + (f"best val top-1 {100 * best:.2f}% (epoch {epoch + 1})" if best is not None else "no val split")
     if final["test"]:
         msg += f", test top-1 {100 * final['test']['top1']:.2f}%"
-    logger.info("%s; %.0f s; run dir %s", msg, final["train_seconds"], cfg.run_dir)
+    where = f"report {final['report']}" if final.get("report") else f"run dir {cfg.run_dir}"
+    logger.info("%s; %.0f s; %s", msg, final["train_seconds"], where)
 
 
-__all__ = ["TrainResult", "peak_lr", "train"]
+__all__ = ["TrainResult", "TrainingPreempted", "peak_lr", "train"]

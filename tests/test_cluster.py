@@ -6,6 +6,7 @@ epoch lines once, from rank 0, with ``train.progress: false``."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -230,3 +231,26 @@ def test_cli_exits_143_after_a_stop_signal_and_resumes_bit_identically(image_roo
     assert main(["train", "--config", str(path), "--resume", "auto"]) == 0
     ref = plain(tiny_cfg(image_root, tmp_path, "usr1-ref", *COMMON))
     _assert_same_weights(ref.last_checkpoint, cfg.run_dir / "last.pt")
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i)
+
+
+def test_loader_batches_stops_workers_that_ignore_sigterm_on_every_way_out():
+    from schane.engine.utils import loader_batches, worker_init_fn
+
+    def loader():
+        return torch.utils.data.DataLoader(_Slow(), batch_size=2, num_workers=1, worker_init_fn=worker_init_fn)
+
+    assert [int(b[0]) for b in loader_batches(loader(), limit=3)] == [0, 2, 4]
+    assert multiprocessing.active_children() == []
+    batches = loader_batches(loader())
+    next(batches)
+    assert multiprocessing.active_children() != []  # a worker is running
+    batches.close()  # as train_one_epoch closes it when an epoch ends in an error
+    assert multiprocessing.active_children() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def test_errors_inside_dataloader_workers_show_the_original_message(image_root, 
     assert main(["train", "--config", str(cfg), "--set", "data.num_workers=1"]) == 2
     err = _error(capsys)
     assert "cannot decode image file" in err and "DataLoader worker" not in err
+    # the worker (which ignores SIGTERM) is stopped, not left to block the interpreter's exit
+    assert multiprocessing.active_children() == []
 
 
 def test_a_full_disk_says_how_much_space_the_checkpoint_needs(image_root, tmp_path, monkeypatch, capsys):

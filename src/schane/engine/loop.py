@@ -219,36 +219,41 @@ def train_one_epoch(
     bar = progress_bar(n_batches, desc=desc, enabled=progress, initial=first_batch, log=True,
                        log_every=log_every or max(25, math.ceil(n_batches / 4)), log_end=False, bar=bars)
     tp.start()
-    for b, (views, labels, ids) in enumerate(loader, start=first_batch):
-        group_start = (b // accum) * accum
-        group_size = min(accum, n_batches - group_start)
-        is_step = b + 1 == group_start + group_size
-        res, logits, y = train_step(parts, views, labels, ids, group_size=group_size, sync=is_step)
-        stats.loss += float(res.total.detach())
-        stats.ce += _item(res.ce) or 0.0
-        stats.contrastive += _item(res.contrastive) or 0.0
-        stats.correct += int((logits.argmax(1) == y).sum())
-        stats.seen += y.numel()
-        stats.n += 1
-        if is_step:
-            optimizer_step(parts)
-            global_step += 1
-            tp.stop(group_size * batch_size * parts.info.world_size)
-            loss_now = float(res.total.detach())
-            if not math.isfinite(loss_now):
-                raise FloatingPointError(
-                    f"loss is {loss_now} at epoch {epoch} step {global_step}; lower optim.lr or use train.amp=none"
-                )
-            if on_step is not None:
-                on_step(StepInfo(epoch, global_step, b + 1, loss_now, _item(res.ce), _item(res.contrastive),
-                                 parts.lr, tp.value))
-            tp.start()
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss / stats.n:.3f}", acc=f"{stats.correct / max(stats.seen, 1):.3f}",
-                        img_s=f"{tp.value:.1f}")
-        if is_step and b + 1 < n_batches and stop is not None and stop():
-            stats.stopped_at = b + 1
-            break
+    try:
+        for b, (views, labels, ids) in enumerate(loader, start=first_batch):
+            group_start = (b // accum) * accum
+            group_size = min(accum, n_batches - group_start)
+            is_step = b + 1 == group_start + group_size
+            res, logits, y = train_step(parts, views, labels, ids, group_size=group_size, sync=is_step)
+            stats.loss += float(res.total.detach())
+            stats.ce += _item(res.ce) or 0.0
+            stats.contrastive += _item(res.contrastive) or 0.0
+            stats.correct += int((logits.argmax(1) == y).sum())
+            stats.seen += y.numel()
+            stats.n += 1
+            if is_step:
+                optimizer_step(parts)
+                global_step += 1
+                tp.stop(group_size * batch_size * parts.info.world_size)
+                loss_now = float(res.total.detach())
+                if not math.isfinite(loss_now):
+                    raise FloatingPointError(
+                        f"loss is {loss_now} at epoch {epoch} step {global_step}; lower optim.lr or use train.amp=none"
+                    )
+                if on_step is not None:
+                    on_step(StepInfo(epoch, global_step, b + 1, loss_now, _item(res.ce), _item(res.contrastive),
+                                     parts.lr, tp.value))
+                tp.start()
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss / stats.n:.3f}", acc=f"{stats.correct / max(stats.seen, 1):.3f}",
+                            img_s=f"{tp.value:.1f}")
+            if is_step and b + 1 < n_batches and stop is not None and stop():
+                stats.stopped_at = b + 1
+                break
+    finally:
+        close = getattr(loader, "close", None)  # a generator such as engine.utils.loader_batches
+        if callable(close):
+            close()
     bar.close()
     tp.stop(0)
     return stats, global_step

@@ -13,7 +13,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,26 @@ def worker_init_fn(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
+
+
+def loader_batches(loader: Iterable[Any], limit: int | None = None) -> Iterator[Any]:
+    """Iterate a DataLoader (at most ``limit`` batches) and stop its worker processes on the way out.
+
+    The workers of a training loader ignore SIGTERM (:func:`worker_init_fn`), so a worker left behind when
+    an epoch ends in an error (its iterator kept alive by the traceback) would block the interpreter's exit.
+    This generator shuts them down when it ends, when it is closed and when the loader raises.
+
+    Args:
+        loader: a DataLoader (or any iterable).
+        limit: stop after this many batches (``None``: all).
+    """
+    it = iter(loader)
+    try:
+        yield from (it if limit is None else islice(it, limit))
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-process iterator
+        if callable(shutdown):
+            shutdown()
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from schane.engine.utils import (
     SeededTransformDataset,
     Throughput,
     epoch_batches,
+    loader_batches,
     resolve_amp,
     resolve_channels_last,
     resolve_device,
@@ -408,16 +408,18 @@ def _fit(cfg: Config, run: _Run, start: tuple[int, int], log: MetricsLogger | No
         batches = epoch_batches(len(run.train_ds), cfg.data.batch_size, epoch=epoch, seed=cfg.train.seed,
                                 rank=info.rank, world_size=info.world_size)[: run.n_batches]
         first = start_batch if epoch == start_epoch else 0
-        loader = DataLoader(
-            run.train_ds, batch_sampler=batches[first:], num_workers=cfg.data.num_workers,
-            worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + epoch),
-            pin_memory=p.device.type == "cuda",
-        )
-        if run.stream is not None:
+        if run.stream is None:
+            loader = loader_batches(DataLoader(
+                run.train_ds, batch_sampler=batches[first:], num_workers=cfg.data.num_workers,
+                worker_init_fn=worker_init_fn,
+                generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + epoch),
+                pin_memory=p.device.type == "cuda",
+            ))
+        else:
             run.stream.set_epoch(epoch, first, cfg.data.batch_size)
-            loader = islice(DataLoader(run.stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                       worker_init_fn=worker_init_fn, pin_memory=p.device.type == "cuda"),
-                            run.n_batches - first)
+            loader = loader_batches(DataLoader(run.stream, batch_size=cfg.data.batch_size,
+                                               num_workers=cfg.data.num_workers, worker_init_fn=worker_init_fn,
+                                               pin_memory=p.device.type == "cuda"), run.n_batches - first)
         on_step = _step_hook(cfg, run, log, callback, eta)
         stats, run.global_step = train_one_epoch(
             p, loader, epoch=epoch, n_batches=run.n_batches, first_batch=first, global_step=run.global_step,

@@ -1,5 +1,5 @@
 """DDP step time with channels-last weights: every 4-D weight channels-last (``model.to(channels_last)``)
-against :func:`schane.engine.utils.to_channels_last` (1x1 weights keep standard strides, so DDP's gradient
+against :func:`schane.engine.device.to_channels_last` (1x1 weights keep standard strides, so DDP's gradient
 buckets match their gradients), in one 2-rank torchrun run (gloo, CPU).
 
 Both variants run in the same processes, alternating rounds, with the pipeline's small-map convolutions on
@@ -28,7 +28,7 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from schane.config import ModelConfig
-    from schane.engine.utils import to_channels_last
+    from schane.engine.device import to_channels_last
     from schane.models import build_model
     from schane.models.small_maps import small_map_convolutions
 

@@ -24,13 +24,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from schane.data.transforms import TwoViews
+from schane.engine.batches import SeededTransformDataset, epoch_batches, worker_init_fn
 from schane.engine.criterion import build_criterion
 from schane.engine.evaluate import extract_features
 from schane.engine.optim import build_optimizer
-from schane.engine.utils import SeededTransformDataset, epoch_batches, worker_init_fn
 from schane.models.small_maps import patch_convolutions
 from schane.pipelines.demo import demo_config
-from schane.pipelines.setup import eval_dataset, fewshot_views, load_split, train_transform_for
+from schane.pipelines.scoring import fewshot_views
+from schane.pipelines.splits import eval_dataset, load_split, train_transform_for
 
 
 def _median(f, repeats: int) -> float:

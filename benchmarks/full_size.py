@@ -99,9 +99,9 @@ def measure(model: str, checkpointing: bool, *, device: str = "cpu", amp: str = 
 
     from schane.config import load_config
     from schane.engine.criterion import build_criterion
+    from schane.engine.device import resolve_amp
     from schane.engine.loop import TrainParts, optimizer_step, train_step
     from schane.engine.optim import build_optimizer, build_scheduler
-    from schane.engine.utils import resolve_amp
     from schane.models import build_model
 
     backbone = MODELS.get(model, model)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from schane.data import get_dataset
 from schane.data.transforms import TwoViews, train_transform
 from schane.data.wds import ShardStream
-from schane.engine.utils import SeededTransformDataset, epoch_batches, worker_init_fn
+from schane.engine.batches import SeededTransformDataset, epoch_batches, worker_init_fn
 from schane.pipelines.convert import convert
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

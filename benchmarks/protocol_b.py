@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from schane.config import load_config
-from schane.engine.utils import sample_seed, seeded_rng
+from schane.engine.seeding import sample_seed, seeded_rng
 from schane.fewshot import ProtoHead, evaluate_protocol_b_grid, sample_episodes, settings_grid
 from schane.pipelines.fewshot import pretrained_model
-from schane.pipelines.setup import fewshot_views
+from schane.pipelines.scoring import fewshot_views
 
 
 def before_episode(model, ep, support, evalset, *, steps: int, lr: float) -> float:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from schane.engine.checkpoint import load_checkpoint_model
-from schane.engine.utils import resolve_device
+from schane.engine.device import resolve_device
 from schane.pipelines.demo import demo_config
-from schane.pipelines.fewshot import VAL_SPLIT, _checkpoint_candidates, _Study, pretrained_model
-from schane.pipelines.setup import fewshot_views
+from schane.pipelines.fewshot import _checkpoint_candidates, pretrained_model
+from schane.pipelines.scoring import VAL_SPLIT, FewShotStudy, fewshot_views
 from schane.pipelines.train import train
 from schane.progress import setup_logging
 
@@ -37,7 +37,7 @@ def _study(cfg, model):
     fs = cfg.fewshot
     eps = {VAL_SPLIT: {s: sample_episodes(views.labels[VAL_SPLIT], fs.ways, s, fs.queries, fs.val_episodes,
                                           fs.episode_seed) for s in fs.shots}}
-    return _Study(cfg, views, eps, resolve_device(cfg.train.device))
+    return FewShotStudy(cfg, views, eps, resolve_device(cfg.train.device))
 
 
 def _score(study, candidates) -> dict[int, tuple[str, float]]:

@@ -86,7 +86,7 @@ def rank_worker(r: int, port: int, root: str, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=r, world_size=2)
     torch.set_num_threads(1)
-    from schane.engine.utils import epoch_batches
+    from schane.engine.batches import epoch_batches
 
     seen = {}
     # what `schane train` reads: the indexed shards through the seeded DistributedSampler batches

@@ -7,7 +7,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from schane.analysis import plots
-from schane.engine.utils import read_metrics
+from schane.engine.run_log import read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -186,7 +186,7 @@ class _SignalsItself(torch.utils.data.Dataset):
 
 
 def test_dataloader_workers_ignore_the_stop_signals():
-    from schane.engine.utils import worker_init_fn
+    from schane.engine.batches import worker_init_fn
 
     loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=2, num_workers=1, worker_init_fn=worker_init_fn)
     assert torch.cat(list(loader)).tolist() == list(range(6))
@@ -242,7 +242,7 @@ class _Slow(torch.utils.data.Dataset):
 
 
 def test_loader_batches_stops_workers_that_ignore_sigterm_on_every_way_out():
-    from schane.engine.utils import loader_batches, worker_init_fn
+    from schane.engine.batches import loader_batches, worker_init_fn
 
     def loader():
         return torch.utils.data.DataLoader(_Slow(), batch_size=2, num_workers=1, worker_init_fn=worker_init_fn)

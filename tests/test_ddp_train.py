@@ -13,7 +13,7 @@ import torch
 
 from schane.config import save_config
 from schane.engine.checkpoint import load_checkpoint
-from schane.engine.utils import read_metrics
+from schane.engine.run_log import read_metrics
 from schane.pipelines.train import train
 from test_train import tiny_cfg
 

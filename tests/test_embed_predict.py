@@ -16,7 +16,7 @@ from schane.cli import main
 from schane.engine.checkpoint import load_checkpoint, load_checkpoint_model, save_checkpoint
 from schane.pipelines.embed import embed_images
 from schane.pipelines.predict import predict_images
-from schane.pipelines.setup import eval_transform_for, load_split
+from schane.pipelines.splits import eval_transform_for, load_split
 from schane.pipelines.train import train
 from test_train import tiny_cfg
 

@@ -6,15 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from schane.engine.batches import SeededTransformDataset, epoch_batches
+from schane.engine.device import resolve_amp, resolve_device
 from schane.engine.ema import ModelEMA
-from schane.engine.utils import (
-    MetricsLogger,
-    SeededTransformDataset,
-    epoch_batches,
-    read_metrics,
-    resolve_amp,
-    resolve_device,
-)
+from schane.engine.run_log import MetricsLogger, read_metrics
 
 
 def test_ema_matches_formula_and_copies_int_buffers():

@@ -26,7 +26,7 @@ from schane.config import to_dict
 from schane.data.transforms import resolve_preprocessing
 from schane.engine.checkpoint import load_checkpoint, load_checkpoint_model, save_checkpoint
 from schane.pipelines.export import export_checkpoint
-from schane.pipelines.setup import eval_transform_for
+from schane.pipelines.splits import eval_transform_for
 from schane.pipelines.train import train
 from test_train import tiny_cfg
 

@@ -23,7 +23,7 @@ from schane.config import from_dict, load_config
 from schane.data import get_dataset
 from schane.data.base import CorruptImageError, decode_image_bytes, load_image, npz_member_header, to_rgb
 from schane.engine.checkpoint import load_checkpoint, save_checkpoint
-from schane.engine.utils import read_metrics, truncate_metrics
+from schane.engine.run_log import read_metrics, truncate_metrics
 from schane.pipelines.train import train
 from test_train import tiny_cfg
 

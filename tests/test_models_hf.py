@@ -18,7 +18,8 @@ from schane.cli import main  # noqa: E402
 from schane.engine.optim import param_groups_layer_decay  # noqa: E402
 from schane.models import SCHaNeModel, create_backbone  # noqa: E402
 from schane.pipelines.export import export_checkpoint  # noqa: E402
-from schane.pipelines.setup import eval_transform_for, load_for_evaluation  # noqa: E402
+from schane.pipelines.runs import load_for_evaluation  # noqa: E402
+from schane.pipelines.splits import eval_transform_for  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,10 +14,10 @@ import timm
 from schane.data.base import read_split_lines
 from schane.fewshot.overlap import (
     backbone_pretraining,
-    check_fewshot_classes,
     label_set,
     pretraining_overlap,
 )
+from schane.pipelines.fewshot import check_fewshot_classes
 
 
 def _bundled(name):

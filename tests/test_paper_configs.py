@@ -27,7 +27,7 @@ from fixtures import (
 from schane.config import ModelConfig, load_config
 from schane.data import dataset_info, get_dataset, list_datasets
 from schane.data.transforms import resolve_preprocessing
-from schane.engine.utils import read_metrics
+from schane.engine.run_log import read_metrics
 from schane.models import build_model
 from schane.models.backbones import BEIT3_CONFIGS
 from schane.pipelines.train import peak_lr, train

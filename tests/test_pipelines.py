@@ -16,6 +16,7 @@ import torch
 from schane.cli import main
 from schane.config import load_config
 from schane.engine.checkpoint import load_checkpoint
+from schane.pipelines.runs import check_config, load_run_config
 from schane.pipelines.train import train
 from test_train import tiny_cfg
 
@@ -62,7 +63,7 @@ def test_dataset_loading_for_a_run_is_written_once_outside_the_data_package():
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "get_dataset":
                 calls.append(str(f.relative_to(SRC)))
-    assert calls == ["pipelines/setup.py"]
+    assert calls == ["pipelines/splits.py"]
 
 
 def test_no_function_is_longer_than_100_lines():
@@ -208,7 +209,7 @@ def test_checkpoints_store_class_names_and_eval_refuses_other_classes(image_root
 
 def test_protocol_b_fine_tunes_with_the_run_loss_config(monkeypatch):
     import schane.fewshot as fewshot
-    from schane.pipelines.setup import FewShotViews, fewshot_accuracies
+    from schane.pipelines.scoring import FewShotViews, fewshot_accuracies
 
     seen = {}
 
@@ -245,11 +246,33 @@ def test_config_values_are_read_as_written_or_refused(override, message):
         assert getattr(cfg, key) == raw  # a string field keeps its text: not 8, not 2024.1
     else:
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-            load_config(None, [override])
+            load_run_config(None, [override])  # the workflows' loading: dataset options checked too
+
+
+def test_dataset_options_are_checked_by_the_catalog_validation_is_handed():
+    cfg = load_config(None, ["data.options.foo=1"])  # schane.config alone knows no dataset
+    with pytest.raises(ValueError, match=r"data\.options\.foo: is not an option of dataset 'image_folder'"):
+        check_config(cfg)
+    with pytest.raises(ValueError, match=r"data\.name: unknown dataset"):
+        load_run_config(None, ["data.name=nope"])
+
+
+def test_config_is_the_bottom_floor_it_imports_only_the_losses():
+    mods = [m for m in _imports(SRC / "config.py") if m.startswith("schane")]
+    assert mods and all(m.startswith("schane.losses") for m in mods), mods
+
+
+def test_no_workflow_imports_another_workflows_private_names():
+    private = []
+    for f in _files("pipelines", "cli.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("schane"):
+                private += [f"{f.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
 
 
 def test_training_seeds_share_the_validation_hold_out(image_root, tmp_path):
-    from schane.pipelines.setup import load_split
+    from schane.pipelines.splits import load_split
 
     a = load_config(None, ["data.name=image_folder", f"data.root={image_root}", "train.seed=1"])
     b = load_config(None, ["data.name=image_folder", f"data.root={image_root}", "train.seed=2"])
@@ -270,7 +293,7 @@ def test_old_checkpoints_keep_their_training_seed_hold_out(image_root, tmp_path)
 
 
 def test_channels_last_is_auto_or_a_boolean():
-    from schane.engine.utils import resolve_channels_last
+    from schane.engine.device import resolve_channels_last
     from schane.models import build_model
 
     assert load_config(None, []).train.channels_last == "auto"
@@ -283,3 +306,18 @@ def test_channels_last_is_auto_or_a_boolean():
     vit = build_model(load_config(None, ["model.backbone=test_vit", "model.pretrained=false"]).model, 3)
     assert resolve_channels_last("auto", conv) and not resolve_channels_last("auto", vit)
     assert resolve_channels_last(True, vit) and not resolve_channels_last(False, conv)
+
+
+def test_function_local_imports_of_schane_say_why():
+    """At a file's top, unless the import is lazy on purpose (start-up time, an import cycle), said in a comment."""
+    silent = []
+    for f in SRC.rglob("*.py"):
+        lines = f.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("schane") and inner.level == 0:
+                    if "#" not in lines[inner.end_lineno - 1]:
+                        silent.append(f"{f.relative_to(SRC)}:{inner.lineno}")
+    assert silent == []

@@ -20,8 +20,8 @@ from schane.fewshot import (
 )
 from schane.fewshot import protocol_b as pb
 from schane.models import build_model
-from schane.pipelines.fewshot import TEST_SPLIT, VAL_SPLIT, _Study, format_table
-from schane.pipelines.setup import FewShotViews
+from schane.pipelines.fewshot import format_table
+from schane.pipelines.scoring import TEST_SPLIT, VAL_SPLIT, FewShotStudy, FewShotViews
 from test_fewshot_evaluators import ToyImages, ToyModel, failing_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,7 +244,7 @@ def study(within, noise, overrides=(), mislabelled=False):
         views.support[split] = (Mislabelled if mislabelled else Images32)(noise=noise, seed=seed, within=within)
         views.labels[split] = plain.targets
         episodes[split] = {2: sample_episodes(plain.targets, 3, 2, 4, 40, seed=seed)}
-    return _Study(cfg, views, episodes, torch.device("cpu"))
+    return FewShotStudy(cfg, views, episodes, torch.device("cpu"))
 
 
 def grid_on_test(st, model):
@@ -295,7 +295,8 @@ def test_selection_reports_a_single_setting_without_validation():
 
 def test_augmented_copy_k_is_protocol_a_copy_k():
     """Protocol B's copy k of an image is the crop protocol A's feature bank draws as copy k."""
-    from schane.engine.utils import SeededItems, sample_seed
+    from schane.engine.batches import SeededItems
+    from schane.engine.seeding import sample_seed
 
     aug = ToyImages(noise=0.5)
     for k, i in ((0, 3), (4, 10)):

@@ -17,7 +17,7 @@ import torch
 from schane.config import load_config
 from schane.engine.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_model
 from schane.engine.evaluate import evaluate, extract_features
-from schane.engine.utils import read_metrics
+from schane.engine.run_log import read_metrics
 from schane.pipelines.evaluate import evaluate_checkpoint, format_evaluation
 from schane.pipelines.train import peak_lr, train
 

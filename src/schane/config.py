@@ -24,9 +24,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -34,6 +35,25 @@ from schane.losses import CONTRASTIVE_LOSSES
 from schane.losses._validation import POSITIVE_MODES
 
 LOSS_NAMES = ("ce", *CONTRASTIVE_LOSSES)
+# which parameters protocol B fine-tunes per episode (schane.fewshot.protocol_b reads this list)
+FINETUNE_PARAMS = ("all", "last", "head")
+
+
+class DatasetInfoLike(Protocol):
+    """What validation needs to know of a dataset: its registry name and its options."""
+
+    name: str
+    options: Any
+
+
+class DatasetCatalog(Protocol):
+    """Looks a dataset up by name and options (:func:`schane.data.registry.dataset_info`).
+
+    Validation is handed one (``validate(cfg, datasets=dataset_info)``) so that this module, the bottom floor,
+    imports nothing of the data package.
+    """
+
+    def __call__(self, name: str, options: Mapping[str, Any] | None = None) -> DatasetInfoLike: ...
 
 # Compared methods of ``schane compare``: name -> (label in reports, config overrides).
 COMPARE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -484,7 +504,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def from_dict(data: dict[str, Any], *, strict_paths: bool = False) -> Config:
+def from_dict(data: dict[str, Any], *, strict_paths: bool = False, datasets: DatasetCatalog | None = None) -> Config:
     """Build and validate a :class:`Config` from a (possibly partial) nested mapping.
 
     Path keys are expanded (:func:`expand_paths`); with ``strict_paths`` (configs a user writes, see
@@ -496,7 +516,7 @@ def from_dict(data: dict[str, Any], *, strict_paths: bool = False) -> Config:
     """
     cfg = _from_dict(Config, data or {})
     expand_paths(cfg, strict=strict_paths)
-    validate(cfg)
+    validate(cfg, datasets=datasets)
     return cfg
 
 
@@ -625,12 +645,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                datasets: DatasetCatalog | None = None) -> Config:
     """Load defaults, then a YAML file, then dotted overrides; validate the result.
 
     Args:
         path: YAML file, or ``None`` for the defaults alone.
         overrides: items like ``"optim.lr=1e-3"``.
+        datasets: the dataset catalog to check ``data.name`` and ``data.options`` against (see :func:`validate`).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
@@ -638,7 +660,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data = read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides)
-    return from_dict(data, strict_paths=True)
+    return from_dict(data, strict_paths=True, datasets=datasets)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -678,8 +700,14 @@ def _need(cond: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, *, datasets: DatasetCatalog | None = None) -> None:
     """Check value ranges that types alone cannot express, in every section.
+
+    Args:
+        cfg: the config.
+        datasets: the dataset catalog (:func:`schane.data.registry.dataset_info`) that ``data.name`` and
+            ``data.options`` are checked against; ``None`` leaves them to the caller (the workflows check
+            them with :func:`schane.pipelines.runs.check_config` before any work starts).
 
     Raises:
         ValueError: naming the offending dotted key.
@@ -687,6 +715,8 @@ def validate(cfg: Config) -> None:
     _validate_run(cfg)
     _validate_loss(cfg.loss)
     _validate_model_data(cfg)
+    if datasets is not None:
+        _validate_dataset(cfg.data, datasets)
     _validate_aug(cfg.aug)
     _validate_optim(cfg.optim)
     _validate_train(cfg.train)
@@ -739,17 +769,18 @@ def _validate_model_data(cfg: Config) -> None:
           "typical values are 0.8 to 1.0")
     _need(0 <= d.split_seed < 2**32, "data.split_seed", f"must be an integer in [0, 2**32), got {d.split_seed}")
     _need(d.eval_resize in ("crop", "squash"), "data.eval_resize", "must be 'crop' or 'squash'")
-    from schane.data.registry import dataset_info
 
+
+def _validate_dataset(d: DataConfig, datasets: DatasetCatalog) -> None:
     try:
-        info = dataset_info(d.name)
+        info = datasets(d.name)
     except ValueError as e:
         raise ValueError(f"data.name: {e}") from None
     unknown = sorted(set(d.options) - set(info.options))
     _need(not unknown, f"data.options.{unknown[0] if unknown else ''}",
           f"is not an option of dataset {info.name!r}; its options are {', '.join(info.options) or 'none'}")
     try:  # options that change the kind of the set (e.g. class_splits makes a folder a few-shot set)
-        dataset_info(d.name, options=d.options)
+        datasets(d.name, options=d.options)
     except ValueError as e:
         raise ValueError(f"data.options: {e}") from None
 
@@ -824,8 +855,6 @@ def _validate_fewshot(fs: FewShotConfig) -> None:
 
 
 def _validate_protocol_b(fs: FewShotConfig) -> None:
-    from schane.fewshot.protocol_b import FINETUNE_PARAMS
-
     steps, lrs = fs.finetune_steps, fs.finetune_lr
     _need(isinstance(steps, (list, tuple)) and bool(steps) and all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps), "fewshot.finetune_steps",

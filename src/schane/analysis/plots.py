@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from schane.analysis.metrics import _as_labels, _as_matrix
-from schane.engine.utils import read_metrics
+from schane.engine.run_log import read_metrics
 
 __all__ = [
     "balanced_subsample",

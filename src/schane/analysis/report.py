@@ -108,7 +108,7 @@ def compute_embedding_metrics(
 # --------------------------------------------------------------------------- report writing
 
 
-def _fmt(value: Any, fmt: str) -> str:
+def format_cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     if fmt == "{:.3f}" and value != 0 and abs(value) < 5e-4:
@@ -126,7 +126,7 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
-def _accuracy_entries(row: Mapping[str, Any]) -> dict[str, tuple[float, float | None]]:
+def accuracy_entries(row: Mapping[str, Any]) -> dict[str, tuple[float, float | None]]:
     acc = row.get("accuracy")
     if acc is None:
         return {}
@@ -148,12 +148,12 @@ def _table(rows: Sequence[Mapping[str, Any]], prefix: str = "") -> list[str]:
     acc_labels: list[str] = []
     if not prefix:
         for r in rows:
-            acc_labels += [a for a in _accuracy_entries(r) if a not in acc_labels]
+            acc_labels += [a for a in accuracy_entries(r) if a not in acc_labels]
     tail = [] if prefix else ["train time"]
     header = ["method", *[f"{a} (%) ↑" for a in acc_labels], *[h for _, h, _ in METRIC_COLUMNS], *tail]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
-        acc = _accuracy_entries(r)
+        acc = accuracy_entries(r)
         cells = [str(r.get("label") or r["method"])]
         for a in acc_labels:
             if a not in acc:
@@ -161,7 +161,7 @@ def _table(rows: Sequence[Mapping[str, Any]], prefix: str = "") -> list[str]:
                 continue
             mean, ci = acc[a]
             cells.append(f"{mean:.2f}" + (f" ± {ci:.2f}" if ci is not None else ""))
-        cells += [_fmt(r.get(prefix + key), fmt) for key, _, fmt in METRIC_COLUMNS]
+        cells += [format_cell(r.get(prefix + key), fmt) for key, _, fmt in METRIC_COLUMNS]
         if not prefix:
             cells.append(_fmt_time(r.get("train_time_s")))
         lines.append("| " + " | ".join(cells) + " |")

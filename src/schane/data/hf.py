@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from schane.progress import interactive
+
 from .base import ImageDataset, decode_image_bytes, first_few, layout_not_found, load_image
 from .custom import FEWSHOT_LAYOUT, fewshot_kind
 from .registry import register_dataset
@@ -58,7 +60,6 @@ def require_datasets() -> Any:
         import datasets
     except ImportError:
         raise ImportError(f"data.name=hf needs the Hugging Face datasets package: {EXTRA}") from None
-    from schane.progress import interactive
 
     if not interactive():  # datasets' own bars only on a terminal, like schane's
         datasets.disable_progress_bars()

@@ -37,6 +37,8 @@ from typing import Any, BinaryIO
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from schane.engine.seeding import sample_seed, seeded_rng
+
 from .base import ImageDataset, decode_image_bytes, first_few, layout_not_found
 from .custom import FEWSHOT_LAYOUT, fewshot_kind
 from .registry import register_dataset
@@ -477,7 +479,6 @@ class ShardStream(IterableDataset):
         yield from buffer
 
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
-        from schane.engine.utils import sample_seed, seeded_rng
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

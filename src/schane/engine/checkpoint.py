@@ -49,6 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from schane.config import from_dict
+from schane.distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from schane.models import build_model
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "schane-checkpoint"
@@ -365,8 +369,6 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
         FileNotFoundError: when ``path`` does not exist.
         CheckpointError: when the file is corrupt or its weights do not fit the model.
     """
-    from schane.config import from_dict
-    from schane.models import build_model
 
     state = load_checkpoint(path, map_location="cpu")
     stored = state["config"]
@@ -428,7 +430,6 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | Path, parts: Any, config: dict[str, Any], class_names: Sequence[str],
                  every_steps: int | None = None) -> None:
-        from schane.distributed import DistInfo
 
         self.run_dir = Path(run_dir)
         self.parts = parts
@@ -449,7 +450,6 @@ class CheckpointManager:
 
     def state(self, epoch: int, batch_in_epoch: int, global_step: int) -> dict[str, Any]:
         """The checkpoint mapping at this point of training (collective under DDP)."""
-        from schane.distributed import all_gather_object
 
         p = self.parts
         return {
@@ -488,7 +488,6 @@ class CheckpointManager:
         Returns:
             The path written (on rank 0), else ``None``.
         """
-        from schane.distributed import barrier
 
         st = self.state(epoch, batch_in_epoch, global_step)
         path = save_checkpoint(self.last_path, st) if self.info.is_main else None
@@ -501,7 +500,6 @@ class CheckpointManager:
         Returns:
             Whether this epoch is the new best.
         """
-        from schane.distributed import broadcast_object
 
         improved = False
         if metric is not None and (self.best_metric is None or metric > self.best_metric):

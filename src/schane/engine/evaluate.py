@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from schane.engine.utils import model_device, uses_channels_last
+from schane.engine.device import model_device, uses_channels_last
 from schane.progress import progress as _progress
 
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from schane.distributed import DistInfo, gather_no_grad
 from schane.engine.criterion import Criterion
+from schane.engine.device import autocast
 from schane.engine.ema import ModelEMA
-from schane.engine.utils import Throughput, autocast
+from schane.engine.run_log import Throughput
 from schane.memory import EmbeddingQueue
 from schane.progress import progress_bar
 
@@ -136,21 +137,24 @@ def train_step(parts: TrainParts, views: Iterable[torch.Tensor], labels: torch.T
     if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = labels.to(parts.device).repeat(2)
-    con = parts.criterion.contrastive
-    cl = y if parts.criterion.supervised else ids.to(parts.device).repeat(2)
-    ref_e = ref_l = None
+    has_contrastive = parts.criterion.contrastive is not None
+    # what the contrastive term calls "the same class": the labels (supervised losses) or the image (SimCLR-style)
+    pair_labels = y if parts.criterion.supervised else ids.to(parts.device).repeat(2)
+    queued_embeddings = queued_labels = None
     if parts.queue is not None and len(parts.queue) > 0:
-        ref_e, ref_l = parts.queue.get()
-        ref_e, ref_l = ref_e.to(parts.device), ref_l.to(parts.device)
+        queued_embeddings, queued_labels = parts.queue.get()
+        queued_embeddings, queued_labels = queued_embeddings.to(parts.device), queued_labels.to(parts.device)
     no_sync = parts.info.distributed and not sync
     with parts.model.no_sync() if no_sync else contextlib.nullcontext():
         with autocast(parts.device, parts.amp_dtype):
             out = parts.model(x)
-        proj = out.projections.float() if con is not None else None
-        res = parts.criterion.joint(out.logits.float(), y, proj, cl if proj is not None else None, ref_e, ref_l)
+        projections = out.projections.float() if has_contrastive else None
+        res = parts.criterion.joint(out.logits.float(), y, projections,
+                                    pair_labels if projections is not None else None,
+                                    queued_embeddings, queued_labels)
         parts.scaler.scale(res.total / group_size).backward()
     if parts.queue is not None:
-        parts.queue.enqueue(gather_no_grad(proj.detach()), gather_no_grad(cl))
+        parts.queue.enqueue(gather_no_grad(projections.detach()), gather_no_grad(pair_labels))
     return res, out.logits.detach(), y
 
 
@@ -251,7 +255,7 @@ def train_one_epoch(
                 stats.stopped_at = b + 1
                 break
     finally:
-        close = getattr(loader, "close", None)  # a generator such as engine.utils.loader_batches
+        close = getattr(loader, "close", None)  # a generator such as engine.batches.loader_batches
         if callable(close):
             close()
     bar.close()

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from schane.engine.utils import SeededItems
+from schane.engine.batches import SeededItems
+from schane.engine.evaluate import extract_features
 from schane.fewshot.episodes import Episode
 
 ExtractFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -60,7 +61,6 @@ class FeatureBank:
 
 
 def _default_extract() -> ExtractFn:
-    from schane.engine.evaluate import extract_features
 
     return extract_features
 

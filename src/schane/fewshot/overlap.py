@@ -13,9 +13,9 @@ without a tag, timm's default tag), else from the number of classes of its pretr
 Self-supervised weights (``.mae``, ``.dino``, ``.fcmae``, DINOv2's ``.lvd142m``, the official BEiT-3
 checkpoints) saw the classes' *images* without their labels: the check counts them too and says so.
 
-:func:`check_fewshot_classes` is what ``schane fewshot`` runs before any training: it checks that the
-validation and novel classes can hold the episodes, writes your own data's resolved class lists, and
-logs the overlap.
+:func:`schane.pipelines.fewshot.check_fewshot_classes` is what ``schane fewshot`` runs before any training:
+it checks that the validation and novel classes can hold the episodes, writes your own data's resolved class
+lists, and logs the overlap computed here.
 
 Examples:
     >>> from schane.data.base import read_split_lines
@@ -36,6 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from schane.models.backbones import BEIT3_CONFIGS
+from schane.models.weights import EFFNET_LITE0_OFFLINE
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +157,6 @@ def backbone_pretraining(
     Returns:
         A :class:`Pretraining`; ``sets`` is empty when the data has no known ImageNet label set.
     """
-    from schane.models.backbones import BEIT3_CONFIGS
-    from schane.models.weights import EFFNET_LITE0_OFFLINE
 
     if backbone in BEIT3_CONFIGS:
         if checkpoint is None:
@@ -318,59 +319,3 @@ def overlap_message(report: Mapping[str, Any], dataset: str = "the data") -> str
         f"{', '.join(examples)}): few-shot accuracy on them measures recognition of seen classes, not transfer "
         "to new ones"
     )
-
-
-def check_fewshot_classes(
-    cfg: Any,
-    classes: Mapping[str, Sequence[str]],
-    labels: Mapping[str, Sequence[int]],
-    out_dir: str | Path,
-    *,
-    class_lists: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, Any]:
-    """The checks ``schane fewshot`` runs on its classes before any training.
-
-    1. Every split of ``classes`` can hold ``fewshot.ways``-way episodes of the largest shot plus
-       ``fewshot.queries`` images a class (:func:`schane.data.base.check_fewshot_capacity`).
-    2. Own data made few-shot by ``class_splits``/``class_fractions``: the resolved lists are written to
-       ``out_dir/class_splits/{train,val,test}.txt`` (``data.options.class_splits`` reads them back).
-    3. The pretraining overlap (:func:`pretraining_overlap`), logged as a warning when classes were seen.
-
-    Args:
-        cfg: The run's :class:`~schane.config.Config` (``model``, ``data.name``, ``fewshot``).
-        classes: ``{split: class names}`` of ``val_classes`` and ``test_classes``.
-        labels: ``{split: [M] label of every image}``.
-        out_dir: The run directory.
-        class_lists: The dataset's resolved ``{"train", "val", "test"}`` lists (own data), or ``None``.
-
-    Returns:
-        ``{"pretraining_overlap": report, "class_splits": folder written or None}``.
-
-    Raises:
-        ValueError: If a split has fewer classes than ``fewshot.ways`` or a class too few images.
-    """
-    from schane.data.base import check_fewshot_capacity
-    from schane.data.custom import write_class_lists
-
-    fs = cfg.fewshot
-    for split, names in classes.items():
-        check_fewshot_capacity(cfg.data.name, split, labels[split], names, fs.ways, max(fs.shots), fs.queries)
-    written = None
-    if class_lists:
-        written = str(write_class_lists(class_lists, Path(out_dir) / "class_splits"))
-        logger.info(
-            "[fewshot] class lists (base %d, validation %d, novel %d) written to %s",
-            len(class_lists["train"]),
-            len(class_lists["val"]),
-            len(class_lists["test"]),
-            written,
-        )
-    m = cfg.model
-    report = pretraining_overlap(
-        m.backbone, classes, pretrained=m.pretrained, checkpoint=m.checkpoint, dataset=cfg.data.name
-    )
-    seen = report["status"] == "overlap" or (
-        report["status"] == "not_wordnet" and not any(p["labels_used"] for p in report["pretraining"])
-    )
-    logger.log(logging.WARNING if seen else logging.INFO, "[fewshot] %s", report["message"])
-    return {"pretraining_overlap": report, "class_splits": written}

@@ -32,15 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from schane.engine.utils import model_device, sample_seed, seeded_rng
+from schane.config import FINETUNE_PARAMS
+from schane.engine.device import model_device
+from schane.engine.optim import layer_ids
+from schane.engine.seeding import sample_seed, seeded_rng
 from schane.fewshot.episodes import Episode
 from schane.losses import JointLoss
+from schane.models.model import SCHaNeModel
 from schane.models.small_maps import Handle, patch_convolutions, unpatch_convolutions
 from schane.progress import progress as _progress
 
 logger = logging.getLogger(__name__)
 
-FINETUNE_PARAMS = ("all", "last", "head")
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -110,7 +113,6 @@ def tuned_parameters(model: nn.Module, params: str = "all", last_layers: int = 2
         return []
     if params == "all":
         return names
-    from schane.engine.optim import layer_ids
 
     ids, n_layers = layer_ids(model)
     first = n_layers - 1 - last_layers  # id n_layers - 1: the heads and anything above the backbone's layers
@@ -162,7 +164,6 @@ def _efficientnet_split(model: nn.Module, tuned: set[str]) -> _Split | None:
     """Split a :class:`SCHaNeModel` over a timm EfficientNet before its first block with a tuned parameter."""
     from timm.models.efficientnet import EfficientNet
 
-    from schane.models.model import SCHaNeModel
 
     bb = getattr(model, "backbone", None)
     if (type(model) is not SCHaNeModel or "forward_features" in vars(model) or type(bb) is not EfficientNet

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from schane.engine.optim import param_groups_layer_decay
+
 try:
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - exercised only without the extra
@@ -127,7 +129,6 @@ class SCHaNeModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; with ``layer_decay``, schane's layer-wise groups (:func:`schane.engine.optim.param_groups_layer_decay`)."""
-        from schane.engine.optim import param_groups_layer_decay
 
         if self.layer_decay is None:
             decay = [p for p in self.parameters() if p.requires_grad and p.ndim > 1]

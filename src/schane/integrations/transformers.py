@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from schane.models.hf import _classifier_linear as find
+
 try:
     from transformers import Trainer
     from transformers.utils import ModelOutput
@@ -71,7 +73,6 @@ class SCHaNeClassifierOutput(ModelOutput):
 
 
 def _classifier_linear(model: nn.Module) -> nn.Linear:
-    from schane.models.hf import _classifier_linear as find
 
     parent, attr, _ = find(model)
     return getattr(parent, attr)

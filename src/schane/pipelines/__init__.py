@@ -1,8 +1,11 @@
 """The workflows: train and evaluate from a config, the few-shot study, compare/analyze, the demo, and
 taking a fine-tuned model out (export, embed, predict).
 
-Each is a thin sequence of library calls on the shared set-up of :mod:`schane.pipelines.setup`; the
-command-line tool calls them and nothing else. The library packages (``losses``, ``data``, ``models``,
+Each is a thin sequence of library calls on the shared set-up, split by job: :mod:`~schane.pipelines.splits`
+(a run's dataset splits and preprocessing), :mod:`~schane.pipelines.runs` (run directories, configs of runs,
+checkpoints loaded for evaluation), :mod:`~schane.pipelines.scoring` (few-shot scoring under protocol A or B)
+and :mod:`~schane.pipelines.user_images` (images a user hands over). The command-line tool calls them and
+nothing else. The library packages (``losses``, ``data``, ``models``,
 ``engine``, ``fewshot``, ``analysis``) never import this package.
 
 Examples:

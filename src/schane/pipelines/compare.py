@@ -19,25 +19,33 @@ from typing import Any
 
 import torch
 
+from schane.analysis import plots
+from schane.analysis.plots import tsne_plot
 from schane.analysis.report import (
     METRIC_COLUMNS,
-    _accuracy_entries,
-    _fmt,
+    accuracy_entries,
     compute_embedding_metrics,
+    format_cell,
     write_report,
 )
 from schane.config import Config, parse_method, to_dict
-from schane.pipelines.setup import (
+from schane.data import dataset_info
+from schane.engine.checkpoint import load_checkpoint_model
+from schane.engine.device import resolve_device
+from schane.engine.evaluate import evaluate, extract_features
+from schane.engine.run_log import read_metrics
+from schane.pipelines.fewshot import draw_episodes
+from schane.pipelines.runs import (
     check_class_names,
+    check_config,
     config_diff,
-    dataset_splits,
-    eval_dataset,
-    fewshot_views,
     load_for_evaluation,
-    load_split,
     prepare_run_dir,
     with_overrides,
 )
+from schane.pipelines.scoring import TEST_SPLIT, VAL_SPLIT, FewShotStudy, fewshot_views
+from schane.pipelines.splits import dataset_splits, eval_dataset, load_split
+from schane.pipelines.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +76,6 @@ def method_config(cfg: Config, method: str, runs_dir: str | Path, overrides: Map
 
 def resolve_split(cfg: Config, split: str) -> tuple[str, str]:
     """``(split, dataset kind)``; ``test`` means ``test_classes`` on few-shot datasets."""
-    from schane.data import dataset_info
 
     info = dataset_info(cfg.data.name, options=cfg.data.options)
     if info.kind == "fewshot" and split == "test":
@@ -79,7 +86,6 @@ def resolve_split(cfg: Config, split: str) -> tuple[str, str]:
 
 
 def _features(model: Any, cfg: Config, split: str, device: torch.device, progress: bool) -> dict[str, Any]:
-    from schane.engine.evaluate import extract_features
 
     ds, base = eval_dataset(cfg, model, split)
     feats, labels = extract_features(model, ds, batch_size=cfg.data.eval_batch_size, device=device, progress=progress,
@@ -119,7 +125,6 @@ def _classification_accuracy(final: Mapping[str, Any], model: Any, cfg: Config, 
                              progress: bool) -> dict[str, tuple[float, float | None]]:
     test = final.get("test") if final else None
     if not test:
-        from schane.engine.evaluate import evaluate
 
         ds, _ = eval_dataset(cfg, model, "test")
         test = evaluate(model, ds, batch_size=cfg.data.eval_batch_size, device=device, progress=progress)
@@ -134,11 +139,10 @@ def _fewshot_accuracy(model: Any, ckpt: Path, cfg: Config, device: torch.device)
     The episodes equal those of ``schane fewshot`` with the same ``fewshot.episode_seed``; ``C`` is chosen
     from ``fewshot.logreg_c_grid`` on ``val_classes`` episodes when the grid is set (else ``logreg_c``).
     """
-    from schane.pipelines.fewshot import TEST_SPLIT, VAL_SPLIT, _Study, draw_episodes
 
     views = fewshot_views(cfg, model, (VAL_SPLIT, TEST_SPLIT))
     episodes, _ = draw_episodes(cfg, views, cfg.run_dir)
-    row = _Study(cfg, views, episodes, device).row(cfg.name, None, None, [(ckpt.name, lambda: model)], cfg.name)
+    row = FewShotStudy(cfg, views, episodes, device).row(cfg.name, None, None, [(ckpt.name, lambda: model)], cfg.name)
     fs = cfg.fewshot
     return {f"{fs.ways}-way {shot}-shot": (t["mean"], None if t["half_width"] is None or math.isnan(t["half_width"])
                                            else t["half_width"]) for shot, t in row["test"].items()}
@@ -148,7 +152,6 @@ def _run_or_reuse(run_cfg: Config, progress: bool) -> tuple[Path, dict[str, Any]
     """Train ``run_cfg`` unless its run directory already holds a finished run with that config."""
     import yaml
 
-    from schane.pipelines.train import train
 
     run_dir = run_cfg.run_dir
     timing = run_dir / "compare_time.json"
@@ -173,7 +176,6 @@ def _run_or_reuse(run_cfg: Config, progress: bool) -> tuple[Path, dict[str, Any]
 
 def _logged_seconds(run_dir: Path) -> float | None:
     """Training time from the first and last ``time`` stamps of ``metrics.jsonl`` (runs compare did not train)."""
-    from schane.engine.utils import read_metrics
 
     try:
         stamps = [r["time"] for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r.get("time"), (int, float))]
@@ -183,8 +185,6 @@ def _logged_seconds(run_dir: Path) -> float | None:
 
 
 def _evaluate_run(run_cfg: Config, method: str, label: str, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    from schane.engine.checkpoint import load_checkpoint_model
-    from schane.engine.utils import resolve_device
 
     run_dir, final, seconds = _run_or_reuse(run_cfg, progress)
     ckpt = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
@@ -243,6 +243,7 @@ def run_compare(cfg: Config, *, progress: bool | None = None) -> Path:
         ValueError: on unknown methods or sweep keys, or a run directory holding another config.
         FileNotFoundError: when the data is missing.
     """
+    check_config(cfg)
     show = cfg.train.progress if progress is None else progress
     report_dir = cfg.run_dir / "report"
     runs_dir = report_dir / "runs"
@@ -283,7 +284,6 @@ def _figures(cfg: Config, report_dir: Path, rows: list[dict[str, Any]], sweep_ro
              base_values: dict[str, float], panels: dict[str, tuple[Any, Any]], class_names: list[str],
              curves: dict[str, Path]) -> dict[str, Path]:
     """t-SNE panels, training curves and sweep plots of a comparison (the sweep rows are completed in place)."""
-    from schane.analysis import plots
 
     acfg = cfg.analysis
     figures: dict[str, Path] = {}
@@ -304,9 +304,9 @@ def _figures(cfg: Config, report_dir: Path, rows: list[dict[str, Any]], sweep_ro
         sweep_rows[key] = sorted(sweep_rows.get(key, []), key=lambda r: r["sweep_value"])
     if sweep_rows:
         acc_label = _main_accuracy_label(rows or [r for rs in sweep_rows.values() for r in rs])
-        sweeps = {k: [(r["sweep_value"], *_accuracy_entries(r)[acc_label]) for r in rs] for k, rs in sweep_rows.items()}
-        baselines = {r["label"]: _accuracy_entries(r)[acc_label][0] for r in rows
-                     if r["method"] != "schane" and acc_label in _accuracy_entries(r)}
+        sweeps = {k: [(r["sweep_value"], *accuracy_entries(r)[acc_label]) for r in rs] for k, rs in sweep_rows.items()}
+        baselines = {r["label"]: accuracy_entries(r)[acc_label][0] for r in rows
+                     if r["method"] != "schane" and acc_label in accuracy_entries(r)}
         figures["Sweeps"] = plots.sweep_plot(
             sweeps, report_dir / "sweeps.png", ylabel=f"{acc_label} accuracy (%)", baselines=baselines,
             label="SCHaNe + CE (swept)",
@@ -315,7 +315,7 @@ def _figures(cfg: Config, report_dir: Path, rows: list[dict[str, Any]], sweep_ro
 
 
 def _main_accuracy_label(rows: Sequence[Mapping[str, Any]]) -> str:
-    labels = [a for r in rows for a in _accuracy_entries(r)]
+    labels = [a for r in rows for a in accuracy_entries(r)]
     if not labels:
         raise ValueError("no accuracy to plot in the sweep rows")
     return labels[-1]
@@ -354,7 +354,6 @@ def analyze_checkpoint(
         FileNotFoundError: when the checkpoint or the data is missing.
         ValueError: on a bad split or override, or other classes than the checkpoint's.
     """
-    from schane.analysis.plots import tsne_plot
 
     ckpt = Path(path)
     if not ckpt.is_file():
@@ -388,7 +387,7 @@ def format_analysis(result: Mapping[str, Any]) -> str:
             continue
         base = key.removeprefix("proj_")
         name = names.get(base, base) + (" (projection)" if key.startswith("proj_") else "")
-        lines.append((name, _fmt(value, fmts.get(base, "{:.4f}"))))
+        lines.append((name, format_cell(value, fmts.get(base, "{:.4f}"))))
     lines.append(("t-SNE", str(result["tsne"])))
     w = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in lines)

@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schane.config import Config, load_config
-from schane.pipelines.setup import dataset_splits, load_split
+from schane.config import Config
+from schane.data import list_datasets
+from schane.data.custom import write_class_lists
+from schane.data.hf import require_datasets
+from schane.pipelines.runs import load_run_config
+from schane.pipelines.splits import dataset_splits, load_split
 from schane.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -52,12 +56,11 @@ def source_config(source: str, overrides: Sequence[str] = ()) -> Config:
     Raises:
         ValueError: On an unknown dataset name or a malformed override.
     """
-    from schane.data import list_datasets
 
     name, sep, root = source.partition(":")
     if not sep or name.replace("-", "_").lower() not in list_datasets():
         name, root = "image_folder", source
-    return load_config(None, [f"data.name={name}", f"data.root={root}", "data.val_fraction=0", *overrides])
+    return load_run_config(None, [f"data.name={name}", f"data.root={root}", "data.val_fraction=0", *overrides])
 
 
 def _encoded(ds: Any, i: int) -> tuple[bytes, str]:
@@ -112,7 +115,6 @@ def _write_wds(out: Path, split: str, items: Iterator[tuple[bytes, str, int]], s
 
 def _write_hf(out: Path, split: str, items: Iterator[tuple[bytes, str, int]], total: int, shard_size: int,
               classes: list[str], bar: Any) -> list[Path]:
-    from schane.data.hf import require_datasets
 
     require_datasets()  # a one-line error naming the extra when it is missing
     from datasets import ClassLabel, Dataset, Features, Image
@@ -177,7 +179,6 @@ def convert(source: str, to: str, out: str | Path, *, shard_size: int = 1000, ov
     if to == "wds":
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
     if lists is not None:
-        from schane.data.custom import write_class_lists
 
         result.class_splits = write_class_lists(lists, out / "class_splits")
     logger.info("wrote %s: %s images of %d classes in %d file(s)", out,

@@ -30,6 +30,16 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
+from schane.analysis.plots import training_curves, tsne_panels
+from schane.analysis.report import compute_embedding_metrics, write_report
+from schane.config import parse_method
+from schane.engine.checkpoint import load_checkpoint_model
+from schane.engine.device import resolve_device
+from schane.engine.evaluate import extract_features
+from schane.pipelines.fewshot import pretrained_model, run_fewshot, run_name
+from schane.pipelines.runs import load_run_config, prepare_for_inference
+from schane.pipelines.splits import eval_dataset
+
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = files("schane") / "configs" / "demo.yaml"
@@ -39,7 +49,6 @@ PRETRAINED_LABEL = "pretrained (no fine-tuning)"
 
 def label(method: str) -> str:
     """The report label of a method (``pretrained`` or a compared method)."""
-    from schane.config import parse_method
 
     return PRETRAINED_LABEL if method == "pretrained" else parse_method(method, "fewshot.losses")[0]
 
@@ -57,7 +66,6 @@ def demo_config(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None =
     Raises:
         ValueError: on invalid overrides or seeds.
     """
-    from schane.config import load_config
 
     out = Path(out_dir)
     ov = [f"name={out.name}", f"output_dir={out.parent}"]
@@ -68,7 +76,7 @@ def demo_config(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None =
             raise ValueError("--seeds needs at least one seed")
         ov.append(f"fewshot.seeds=[{', '.join(str(int(s)) for s in seeds)}]")
     with as_file(DEMO_CONFIG) as path:
-        return load_config(path, [*ov, *(overrides or [])])
+        return load_run_config(path, [*ov, *(overrides or [])])
 
 
 def _row_models(results: dict[str, Any]) -> list[tuple[str, int | None, str | None]]:
@@ -115,12 +123,6 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
     Raises:
         ValueError: on invalid overrides.
     """
-    from schane.analysis.report import compute_embedding_metrics
-    from schane.engine.checkpoint import load_checkpoint_model
-    from schane.engine.evaluate import extract_features
-    from schane.engine.utils import resolve_device
-    from schane.pipelines.fewshot import pretrained_model, run_fewshot
-    from schane.pipelines.setup import eval_dataset, prepare_for_inference
 
     t0 = time.perf_counter()
     cfg = demo_config(out_dir, seeds, overrides, ablation=ablation)
@@ -189,9 +191,6 @@ def _difference_notes(results: dict[str, Any]) -> list[str]:
 def _write(cfg: Any, results: dict[str, Any], per_method: dict[str, list[dict[str, float]]],
            panels: dict[str, tuple[Any, Any]], class_names: list[str], title: str) -> Path:
     """The demo's ``report.md``: the table, the notes on how to read it, t-SNE maps and training curves."""
-    from schane.analysis.plots import training_curves, tsne_panels
-    from schane.analysis.report import write_report
-    from schane.pipelines.fewshot import run_name
 
     run_dir = Path(cfg.run_dir)
     seed0 = cfg.fewshot.seeds[0]

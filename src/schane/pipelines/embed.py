@@ -21,16 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from schane.pipelines.setup import (
-    ReadableImages,
-    dataset_splits,
-    eval_transform_for,
-    find_images,
-    forward_images,
-    load_for_evaluation,
-    load_split,
-    write_skipped,
-)
+from schane.engine.device import resolve_amp
+from schane.pipelines.runs import load_for_evaluation
+from schane.pipelines.splits import dataset_splits, eval_transform_for, load_split
+from schane.pipelines.user_images import ReadableImages, find_images, forward_images, write_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +108,7 @@ def embed_images(
 ) -> EmbedResult:
     """Embed images with a trained model: a folder of images (no labels), or a split of the run's dataset.
 
-    The images go through the run's evaluation transform (:func:`~schane.pipelines.setup.eval_transform_for`),
+    The images go through the run's evaluation transform (:func:`~schane.pipelines.splits.eval_transform_for`),
     in batches of ``data.eval_batch_size`` with ``data.num_workers`` workers, under ``train.amp``.
 
     Args:
@@ -136,7 +130,6 @@ def embed_images(
         ValueError: on a corrupt checkpoint, an empty folder, an unknown split, an unusable output path, or when
             no image could be read.
     """
-    from schane.engine.utils import resolve_amp
 
     if split is None and data is None:
         raise ValueError("pass --data FOLDER (a folder of images) or --split SPLIT (a split of the checkpoint's "

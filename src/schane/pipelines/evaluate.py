@@ -11,7 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from schane.pipelines.setup import check_class_names, dataset_splits, eval_dataset, load_for_evaluation
+from schane.engine.device import resolve_amp
+from schane.engine.evaluate import evaluate
+from schane.pipelines.runs import check_class_names, load_for_evaluation
+from schane.pipelines.splits import dataset_splits, eval_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ def evaluate_checkpoint(
         FileNotFoundError: when the checkpoint or the data is missing.
         ValueError: on a corrupt checkpoint, an unknown split, a bad override or other classes.
     """
-    from schane.engine.evaluate import evaluate
-    from schane.engine.utils import resolve_amp
 
     loaded = load_for_evaluation(path, overrides)
     cfg = loaded.cfg

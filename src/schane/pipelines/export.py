@@ -45,7 +45,12 @@ import torch
 from torch import nn
 
 from schane.config import Config, to_dict
-from schane.pipelines.setup import load_for_evaluation, preprocessing_for
+from schane.engine.checkpoint import evaluation_weights, load_checkpoint
+from schane.models.backbones import is_beit3
+from schane.models.hf import is_hf
+from schane.models.weights import EFFNET_LITE0_OFFLINE, EFFNET_LITE0_TIMM_NAME
+from schane.pipelines.runs import load_for_evaluation
+from schane.pipelines.splits import preprocessing_for
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +190,6 @@ def _install(stage: Path, out: Path, *, whole: bool) -> None:
 
 def _export_into(out: Path, final: Path, path: str | Path, loaded: Any, heads: bool) -> ExportResult:
     """Write and verify the export in the folder ``out``, whose files will end up in ``final``."""
-    from schane.engine.checkpoint import evaluation_weights, load_checkpoint
 
     state = load_checkpoint(path)
     which = "ema" if evaluation_weights(state) is not state["model"] else "model"
@@ -195,11 +199,9 @@ def _export_into(out: Path, final: Path, path: str | Path, loaded: Any, heads: b
     elif len(loaded.class_names) != loaded.num_classes:
         raise ValueError(f"{path} is inconsistent: {len(loaded.class_names)} class names for a classifier of "
                          f"{loaded.num_classes} classes; it is corrupt")
-    from schane.models.backbones import is_beit3
-    from schane.models.hf import is_hf
 
     if is_hf(cfg.model.backbone):  # save_pretrained layout: schane.pipelines.export_hf
-        from schane.pipelines.export_hf import export_hf
+        from schane.pipelines.export_hf import export_hf  # import cycle: export_hf builds on this module
 
         return export_hf(loaded, state, path, out, which=which, heads=heads)
     kind = "beit3" if is_beit3(cfg.model.backbone) else "timm"
@@ -208,9 +210,9 @@ def _export_into(out: Path, final: Path, path: str | Path, loaded: Any, heads: b
     else:
         tensors, layout, clf_key = _timm_layout(model, cfg, heads)
     config = _export_config(cfg, model, loaded, kind, layout, which, heads, clf_key, path, state)
-    files = [_save(out / MODEL_FILE, tensors)]
+    files = [save_safetensors(out / MODEL_FILE, tensors)]
     if heads:
-        files.append(_save(out / HEADS_FILE, _heads_tensors(model)))
+        files.append(save_safetensors(out / HEADS_FILE, heads_tensors(model)))
     diff = _verify(out, config, model, img_size=_verify_size(cfg, model, kind))  # a failure keeps nothing
     config["schane"]["verified_max_abs_diff"] = diff
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -239,7 +241,7 @@ def _create(out: Path) -> None:
         raise ValueError(f"cannot create the export folder {out} ({e.strerror or e}); pass a folder you can write") from None
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     # safetensors refuses shared or strided storage: give every tensor its own contiguous copy
@@ -248,7 +250,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def _heads_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def heads_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**{f"classifier.{k}": v for k, v in model.classifier.state_dict().items()},
             **{f"projector.{k}": v for k, v in model.projector.state_dict().items()}}
 
@@ -258,7 +260,6 @@ def _heads_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def timm_model_name(backbone: str) -> str:
     """The timm model a schane backbone name is (``effnet-lite0-offline`` is ``tf_efficientnet_lite0``)."""
-    from schane.models.weights import EFFNET_LITE0_OFFLINE, EFFNET_LITE0_TIMM_NAME
 
     return EFFNET_LITE0_TIMM_NAME if backbone == EFFNET_LITE0_OFFLINE else backbone
 
@@ -324,7 +325,7 @@ def _beit3_layout(model: nn.Module, heads: bool) -> tuple[dict[str, torch.Tensor
 # --------------------------------------------------------------------------- config.json and the model card
 
 
-def _preprocessing(cfg: Config, model: nn.Module) -> dict[str, Any]:
+def export_preprocessing(cfg: Config, model: nn.Module) -> dict[str, Any]:
     pre = preprocessing_for(cfg, model)
     s = int(cfg.data.img_size)
     return {"input_size": [3, s, s], "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
@@ -340,7 +341,7 @@ def _timm_data_cfg(pre: dict[str, Any]) -> dict[str, Any]:
 
 def _export_config(cfg: Config, model: nn.Module, loaded: Any, kind: str, layout: dict[str, Any], which: str,
                    heads: bool, clf_key: str | None, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-    pre = _preprocessing(cfg, model)
+    pre = export_preprocessing(cfg, model)
     names = loaded.class_names
     n_out = loaded.num_classes if clf_key else 0
     pcfg = {**_timm_data_cfg(pre), "num_classes": n_out}

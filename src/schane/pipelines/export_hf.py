@@ -18,6 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from schane.config import to_dict
+from schane.models.hf import quiet_progress, save_hf_classifier
+from schane.pipelines.export import ExportResult, export_preprocessing, heads_tensors, save_safetensors
+
 logger = logging.getLogger(__name__)
 
 SCHANE_FILE = "schane.json"
@@ -36,13 +40,10 @@ def export_hf(loaded: Any, state: dict[str, Any], path: str | Path, out: Path, *
     """
     from transformers import AutoImageProcessor
 
-    from schane.config import to_dict
-    from schane.models.hf import quiet_progress, save_hf_classifier
-    from schane.pipelines.export import ExportResult, _heads_tensors, _preprocessing, _save
 
     model, cfg = loaded.model.cpu().eval(), loaded.cfg
     saved = save_hf_classifier(model.backbone, model.classifier, out, loaded.class_names)
-    pre = _preprocessing(cfg, model)
+    pre = export_preprocessing(cfg, model)
     files = [out / "config.json", out / "model.safetensors"]
     try:
         with quiet_progress():
@@ -54,7 +55,7 @@ def export_hf(loaded: Any, state: dict[str, Any], path: str | Path, out: Path, *
     except (OSError, ValueError, KeyError):
         pass
     if heads:
-        files.append(_save(out / HEADS_FILE, _heads_tensors(model)))
+        files.append(save_safetensors(out / HEADS_FILE, heads_tensors(model)))
     else:
         (out / HEADS_FILE).unlink(missing_ok=True)
     try:
@@ -130,7 +131,6 @@ def _verify(out: Path, model: nn.Module, img_size: int) -> float:
 
     from transformers import AutoModelForImageClassification
 
-    from schane.models.hf import quiet_progress
 
     x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     want = model.classifier(model.forward_features(x))

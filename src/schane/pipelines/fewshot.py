@@ -22,36 +22,39 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from schane.config import Config, parse_method, to_dict
+from schane.data.base import check_fewshot_capacity
+from schane.data.custom import write_class_lists
+from schane.engine.checkpoint import load_checkpoint, load_checkpoint_model
+from schane.engine.device import resolve_device
 from schane.fewshot.episodes import Episode, sample_episodes, save_episodes
-from schane.fewshot.protocol_b import settings_grid
-from schane.fewshot.stats import mean_ci, paired_difference, seed_summary
-from schane.pipelines.setup import (
+from schane.fewshot.overlap import pretraining_overlap
+from schane.fewshot.stats import paired_difference, seed_summary
+from schane.models import build_model
+from schane.pipelines.runs import check_class_names, check_config, prepare_run_dir, with_overrides
+from schane.pipelines.scoring import (
+    TEST_SPLIT,
+    VAL_SPLIT,
+    Candidate,
+    FewShotStudy,
     FewShotViews,
-    check_class_names,
-    fewshot_accuracies,
     fewshot_views,
-    load_split,
-    prepare_run_dir,
-    with_overrides,
+    selection_text,
 )
+from schane.pipelines.splits import dataset_splits, load_split
+from schane.pipelines.train import train
 
 logger = logging.getLogger(__name__)
 
-VAL_SPLIT = "val_classes"
-TEST_SPLIT = "test_classes"
 PRETRAINED = "pretrained"
 
-Candidate = tuple[str, Callable[[], torch.nn.Module]]
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -66,11 +69,62 @@ def _nan_to_none(x: Any) -> Any:
 
 def pretrained_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The backbone without fine-tuning; its random parts (the heads) are the same in every rerun."""
-    from schane.models import build_model
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return build_model(cfg.model, num_classes)
+
+
+def check_fewshot_classes(
+    cfg: Config,
+    classes: Mapping[str, Sequence[str]],
+    labels: Mapping[str, Sequence[int]],
+    out_dir: str | Path,
+    *,
+    class_lists: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """The checks ``schane fewshot`` runs on its classes before any training.
+
+    1. Every split of ``classes`` can hold ``fewshot.ways``-way episodes of the largest shot plus
+       ``fewshot.queries`` images a class (:func:`schane.data.base.check_fewshot_capacity`).
+    2. Own data made few-shot by ``class_splits``/``class_fractions``: the resolved lists are written to
+       ``out_dir/class_splits/{train,val,test}.txt`` (``data.options.class_splits`` reads them back).
+    3. The pretraining overlap (:func:`schane.fewshot.overlap.pretraining_overlap`), logged as a warning when classes were seen.
+
+    Args:
+        cfg: The run's :class:`~schane.config.Config` (``model``, ``data.name``, ``fewshot``).
+        classes: ``{split: class names}`` of ``val_classes`` and ``test_classes``.
+        labels: ``{split: [M] label of every image}``.
+        out_dir: The run directory.
+        class_lists: The dataset's resolved ``{"train", "val", "test"}`` lists (own data), or ``None``.
+
+    Returns:
+        ``{"pretraining_overlap": report, "class_splits": folder written or None}``.
+
+    Raises:
+        ValueError: If a split has fewer classes than ``fewshot.ways`` or a class too few images.
+    """
+    fs = cfg.fewshot
+    for split, names in classes.items():
+        check_fewshot_capacity(cfg.data.name, split, labels[split], names, fs.ways, max(fs.shots), fs.queries)
+    written = None
+    if class_lists:
+        written = str(write_class_lists(class_lists, Path(out_dir) / "class_splits"))
+        logger.info(
+            "[fewshot] class lists (base %d, validation %d, novel %d) written to %s",
+            len(class_lists["train"]),
+            len(class_lists["val"]),
+            len(class_lists["test"]),
+            written,
+        )
+    m = cfg.model
+    report = pretraining_overlap(
+        m.backbone, classes, pretrained=m.pretrained, checkpoint=m.checkpoint, dataset=cfg.data.name
+    )
+    seen = report["status"] == "overlap" or (
+        report["status"] == "not_wordnet" and not any(p["labels_used"] for p in report["pretraining"])
+    )
+    logger.log(logging.WARNING if seen else logging.INFO, "[fewshot] %s", report["message"])
+    return {"pretraining_overlap": report, "class_splits": written}
 
 
 def draw_episodes(cfg: Config, views: FewShotViews, run_dir: Path) -> tuple[dict[str, dict[int, list[Episode]]],
@@ -91,105 +145,6 @@ def draw_episodes(cfg: Config, views: FewShotViews, run_dir: Path) -> tuple[dict
             episodes[split][shot] = eps
             files[split][str(shot)] = str(path)
     return episodes, files
-
-
-@dataclass
-class _Study:
-    """The shared state of one few-shot study: its data, episodes and the selection rule."""
-
-    cfg: Config
-    views: FewShotViews
-    episodes: dict[str, dict[int, list[Episode]]]
-    device: torch.device
-
-    @property
-    def c_grid(self) -> list[float]:
-        fs = self.cfg.fewshot
-        if fs.protocol == "B":
-            return [fs.logreg_c]  # unused by protocol B
-        return list(fs.logreg_c_grid) or [fs.logreg_c]
-
-    @property
-    def options(self) -> list[Any]:
-        """What is chosen on validation-class episodes beside the checkpoint: ``C`` (protocol A) or the
-        :class:`~schane.fewshot.Setting` ``(steps, lr)`` of per-episode fine-tuning (protocol B, 0 steps first)."""
-        fs = self.cfg.fewshot
-        if fs.protocol == "B":
-            return settings_grid(fs.finetune_steps, fs.finetune_lr)
-        return self.c_grid
-
-    def evaluate(self, model: torch.nn.Module, split: str, shots: Sequence[int], cs: Sequence[Any],
-                 tag: str) -> dict[tuple[int, Any], np.ndarray]:
-        eps = {s: self.episodes[split][s] for s in shots}
-        return fewshot_accuracies(model, self.cfg, self.views, split, eps, cs, device=self.device, tag=tag)
-
-    def select(self, candidates: list[Candidate], tag: str) -> dict[int, tuple[str, Any, float | None,
-                                                                             list[tuple[float, str, Any]]]]:
-        """Per shot: ``(candidate, option, validation accuracy, every (val acc, candidate, option))``, the
-        option being ``C`` (A) or ``(steps, lr)`` (B), with the best mean on validation-class episodes."""
-        shots, opts = self.cfg.fewshot.shots, self.options
-        if len(candidates) * len(opts) == 1:
-            return {s: (candidates[0][0], opts[0], None, []) for s in shots}
-        scores: dict[int, list[tuple[float, str, Any]]] = {s: [] for s in shots}
-        for name, load in candidates:
-            res = self.evaluate(load(), VAL_SPLIT, shots, opts, f"{tag} [{name}]")
-            for (shot, opt), accs in res.items():
-                scores[shot].append((float(accs.mean()), name, opt))
-        choice = {}
-        for shot, sc in scores.items():
-            # first of equals: earlier candidate, earlier option (smaller C; 0 steps, then fewer steps)
-            best = max(sc, key=lambda t: t[0])
-            choice[shot] = (best[1], best[2], best[0], sc)
-        return choice
-
-    def _selected(self, name: str, opt: Any, val_acc: float | None,
-                  scores: list[tuple[float, str, Any]]) -> dict[str, Any]:
-        """The ``selected`` entry of one shot: the choice and the validation accuracy of every alternative."""
-        def what(o: Any) -> dict[str, Any]:
-            if self.cfg.fewshot.protocol == "B":
-                return {"C": None, "steps": int(o[0]), "lr": float(o[1])}
-            return {"C": o, "steps": None, "lr": None}
-
-        return {"checkpoint": name, **what(opt), "val_acc": val_acc,
-                "val_grid": [{"checkpoint": n, **what(o), "val_acc": a} for a, n, o in scores]}
-
-    def row(self, method: str, seed: int | None, run_dir: str | None, candidates: list[Candidate],
-            tag: str) -> dict[str, Any]:
-        """Choose on validation classes, then evaluate the test-class episodes once: one table row."""
-        fs = self.cfg.fewshot
-        choice = self.select(candidates, tag)
-        per_episode: dict[str, np.ndarray] = {}
-        for name, load in candidates:
-            shots = [s for s in fs.shots if choice[s][0] == name]
-            if not shots:
-                continue
-            model = load()
-            for shot in shots:
-                res = self.evaluate(model, TEST_SPLIT, [shot], [choice[shot][1]], f"{tag} [{name}]")
-                per_episode[str(shot)] = res[(shot, choice[shot][1])]
-        selected = {str(s): self._selected(*choice[s]) for s in fs.shots}
-        per_ep = {str(s): per_episode[str(s)] for s in fs.shots}
-        logger.info("[fewshot] %s: %s", tag, "; ".join(
-            f"{s}-shot {a.mean():.2f}%" + (f" (val {choice[s][2]:.2f}%, {selection_text(selected[str(s)])})"
-                                           if choice[s][2] is not None else "")
-            for s, a in zip(fs.shots, per_ep.values(), strict=True)))
-        return {
-            "method": method, "seed": seed, "run_dir": run_dir, "selected": selected,
-            "test": {s: mean_ci(a).to_dict() for s, a in per_ep.items()},
-            "per_episode": {s: [float(x) for x in a] for s, a in per_ep.items()},
-        }
-
-
-def selection_text(sel: dict[str, Any]) -> str:
-    """A ``selected`` entry in words: ``best.pt, C=1`` (protocol A) or ``best.pt, 20@0.001`` (protocol B:
-    steps@lr; ``0 steps`` is the prototype classifier)."""
-    ck = sel.get("checkpoint")
-    out = Path(ck).name if ck not in (None, "none") else "-"
-    if sel.get("C") is not None:
-        out += f", C={sel['C']:g}"
-    if sel.get("steps") is not None:
-        out += f", {sel['steps']}@{sel['lr']:g}" if sel["steps"] else ", 0 steps"
-    return out
 
 
 def run_name(method: str, seed: int) -> str:
@@ -262,9 +217,7 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
         ValueError: on an invalid few-shot config or a dataset without few-shot splits.
         FileNotFoundError: when the dataset's files are missing.
     """
-    from schane.engine.utils import resolve_device
-    from schane.pipelines.setup import dataset_splits
-
+    check_config(cfg)
     splits = dataset_splits(cfg)
     if VAL_SPLIT not in splits or TEST_SPLIT not in splits:
         raise ValueError(
@@ -273,19 +226,17 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
             "data.options.class_splits or data.options.class_fractions (docs/fewshot.md)"
         )
     if train_fn is None:
-        from schane.pipelines.train import train as train_fn
+        train_fn = train
     t0 = time.perf_counter()
     fs, run_dir = cfg.fewshot, Path(cfg.run_dir)
     prepare_run_dir(run_dir)
     pretrained = pretrained_model(cfg, fs.ways)
     views = fewshot_views(cfg, pretrained, (VAL_SPLIT, TEST_SPLIT))
     # before any training: episode sizes, own data's class lists (RUN_DIR/class_splits/), pretraining overlap
-    from schane.fewshot.overlap import check_fewshot_classes
-
     class_checks = check_fewshot_classes(cfg, views.classes, views.labels, run_dir,
                                          class_lists=getattr(views.eval[VAL_SPLIT].base, "class_lists", None))
     episodes, files = draw_episodes(cfg, views, run_dir)
-    study = _Study(cfg, views, episodes, resolve_device(cfg.train.device))
+    study = FewShotStudy(cfg, views, episodes, resolve_device(cfg.train.device))
     rows: list[dict[str, Any]] = []
     if fs.include_pretrained:
         logger.info("[fewshot] %s: %s without fine-tuning", PRETRAINED, cfg.model.backbone)
@@ -305,10 +256,8 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
     return results
 
 
-def _fine_tuned_row(study: _Study, loss: str, seed: int, train_fn: Callable[..., Any],
+def _fine_tuned_row(study: FewShotStudy, loss: str, seed: int, train_fn: Callable[..., Any],
                     base_classes: Sequence[str]) -> dict[str, Any]:
-    from schane.engine.checkpoint import load_checkpoint, load_checkpoint_model
-
     sub = run_config(study.cfg, loss, seed)
     logger.info("[fewshot] fine-tuning %s (seed %d) on the base classes -> %s", loss, seed, sub.run_dir)
     result = train_fn(sub, resume="auto")
@@ -340,8 +289,6 @@ def _checkpoint_candidates(best: Path | None, last: Path) -> list[tuple[str, Pat
     """``best.pt`` then ``last.pt``, dropping ``last`` when its weights equal ``best``'s."""
     if best is None or not Path(best).exists():
         return [("last", Path(last))]
-    from schane.engine.checkpoint import load_checkpoint
-
     a, b = load_checkpoint(best)["model"], load_checkpoint(last)["model"]
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return [("best", Path(best))] if same else [("best", Path(best)), ("last", Path(last))]

@@ -33,7 +33,12 @@ from schane.config import Config, apply_overrides, from_dict, plain_value, read_
 from schane.data import dataset_info, hf, wds
 from schane.data.base import check_fewshot_capacity
 from schane.data.custom import split_folders, write_split_lists
-from schane.pipelines.setup import read_split
+from schane.data.transforms import TwoViews
+from schane.engine.criterion import build_criterion
+from schane.engine.device import autocast, resolve_amp, resolve_channels_last, resolve_device
+from schane.models import build_model
+from schane.models.small_maps import helps_on, small_map_convolutions
+from schane.pipelines.splits import read_split, train_transform_for
 from schane.progress import format_duration
 
 logger = logging.getLogger(__name__)
@@ -137,10 +142,6 @@ def time_training_step(cfg: Config, num_classes: int, train: Any = None, repeats
 
     import torch
 
-    from schane.engine.criterion import build_criterion
-    from schane.engine.utils import autocast, resolve_amp, resolve_channels_last, resolve_device
-    from schane.models import build_model
-    from schane.models.small_maps import helps_on, small_map_convolutions
 
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, num_classes).to(device).train()
@@ -172,8 +173,6 @@ def _loading_seconds(cfg: Config, model: Any, train: Any, n: int = 32) -> float:
     """Seconds to read one training image and make its two augmented views."""
     import time
 
-    from schane.data.transforms import TwoViews
-    from schane.pipelines.setup import train_transform_for
 
     views = TwoViews(train_transform_for(cfg, model))
     idx = range(0, len(train), max(1, len(train) // n))[:n]

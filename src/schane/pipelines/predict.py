@@ -16,14 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from schane.pipelines.setup import (
-    ReadableImages,
-    eval_transform_for,
-    find_images,
-    forward_images,
-    load_for_evaluation,
-    write_skipped,
-)
+from schane.engine.device import resolve_amp
+from schane.pipelines.runs import load_for_evaluation
+from schane.pipelines.splits import eval_transform_for
+from schane.pipelines.user_images import ReadableImages, find_images, forward_images, write_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +85,6 @@ def predict_images(
         ValueError: on a corrupt checkpoint, an empty folder, ``topk < 1``, an unusable output path, or when no
             image could be read.
     """
-    from schane.engine.utils import resolve_amp
 
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"--topk must be a positive integer, got {topk!r}")

@@ -26,7 +26,12 @@ from schane.analysis.interpret import (
     plot_per_class,
     wilson_interval,
 )
+from schane.analysis.plots import training_curves
 from schane.config import Config
+from schane.engine.device import resolve_amp
+from schane.engine.evaluate import predict_logits
+from schane.pipelines.runs import load_for_evaluation
+from schane.pipelines.splits import dataset_splits, eval_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +115,6 @@ def write_run_report(cfg: Config, run_dir: Path, logits: torch.Tensor, labels: t
 
 
 def _curves(run_dir: Path, figs: Path) -> Path | None:
-    from schane.analysis.plots import training_curves
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -129,9 +133,6 @@ def report_for_run(run_dir: str | Path, overrides: list[str] | None = None) -> P
         FileNotFoundError: when the folder holds no checkpoint.
         ValueError: when the run's dataset has no test split.
     """
-    from schane.engine.evaluate import predict_logits
-    from schane.engine.utils import resolve_amp
-    from schane.pipelines.setup import dataset_splits, eval_dataset, load_for_evaluation
 
     d = Path(run_dir).expanduser()
     ckpt = next((d / f for f in ("best.pt", "last.pt") if (d / f).is_file()), None)

@@ -37,7 +37,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from schane.config import Config, to_dict, validate
+from schane.config import Config, save_config, to_dict
+from schane.data.transforms import TwoViews
 from schane.data.wds import training_stream
 from schane.distributed import (
     PREEMPTED_EXIT_CODE,
@@ -48,38 +49,34 @@ from schane.distributed import (
     restarted_by_torchelastic,
     shutdown,
 )
+from schane.engine.batches import (
+    IndexedDataset,
+    SeededTransformDataset,
+    epoch_batches,
+    loader_batches,
+    worker_init_fn,
+)
 from schane.engine.checkpoint import (
     CheckpointManager,
     evaluation_weights,
     load_checkpoint,
     remove_stale_temporaries,
 )
+from schane.engine.criterion import build_criterion
+from schane.engine.device import resolve_amp, resolve_channels_last, resolve_device, to_channels_last
+from schane.engine.ema import ModelEMA
+from schane.engine.evaluate import classification_metrics, predict_logits, validate
 from schane.engine.loop import StepInfo, TrainParts, train_one_epoch
+from schane.engine.optim import build_optimizer, build_scheduler
+from schane.engine.run_log import MetricsLogger, Throughput, truncate_metrics
 from schane.engine.runlock import run_lock
-from schane.engine.utils import (
-    IndexedDataset,
-    MetricsLogger,
-    SeededTransformDataset,
-    Throughput,
-    epoch_batches,
-    loader_batches,
-    resolve_amp,
-    resolve_channels_last,
-    resolve_device,
-    seed_everything,
-    to_channels_last,
-    truncate_metrics,
-    worker_init_fn,
-)
+from schane.engine.seeding import seed_everything
+from schane.memory import EmbeddingQueue
+from schane.models import build_model
 from schane.models.small_maps import helps_on, small_map_convolutions
-from schane.pipelines.setup import (
-    config_diff,
-    dataset_splits,
-    eval_transform_for,
-    load_split,
-    prepare_run_dir,
-    train_transform_for,
-)
+from schane.pipelines.run_report import write_run_report
+from schane.pipelines.runs import check_config, config_diff, prepare_run_dir
+from schane.pipelines.splits import dataset_splits, eval_transform_for, load_split, train_transform_for
 from schane.progress import format_duration
 
 logger = logging.getLogger(__name__)
@@ -159,10 +156,14 @@ def train(cfg: Config, resume: str | None = None, *, callback: StepCallback | No
         TrainingPreempted: when one of ``train.stop_signals`` arrived: every rank stopped at the same step and
             ``last.pt`` holds the run.
     """
-    validate(cfg)
+    check_config(cfg)
     info = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, resume, callback, info)
+        result = _train(cfg, resume, callback, info)
+        # every rank arrives before the group goes: a rank that destroys its group while rank 0 still writes the
+        # run's last files can abort at exit under gloo ("terminate called without an active exception")
+        barrier(info)
+        return result
     finally:
         shutdown(info)
 
@@ -293,12 +294,6 @@ def _load_splits(cfg: Config, info: DistInfo) -> tuple[Any, Any, Any]:
 
 
 def _setup(cfg: Config, info: DistInfo) -> _Run:
-    from schane.data.transforms import TwoViews
-    from schane.engine.criterion import build_criterion
-    from schane.engine.ema import ModelEMA
-    from schane.engine.optim import build_optimizer, build_scheduler
-    from schane.memory import EmbeddingQueue
-    from schane.models import build_model
 
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -370,7 +365,6 @@ def _open_log(cfg: Config, run: _Run, info: DistInfo, *, fresh: bool) -> Metrics
     if not info.is_main:
         return None
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    from schane.config import save_config
 
     save_config(cfg, cfg.run_dir / "config.yaml")
     if not fresh:  # the log describes the weights' trajectory: records after the checkpoint's step go
@@ -469,7 +463,6 @@ def _preempt(run: _Run, log: MetricsLogger | None, stop: StopSignals, epoch: int
 
 
 def _validate(cfg: Config, run: _Run, record: dict[str, Any]) -> float:
-    from schane.engine.evaluate import validate
 
     p = run.parts
     vals, metric = validate(
@@ -539,7 +532,6 @@ def _final_test(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
     """Evaluate the selected weights (``best.pt``'s, else the last) on the test split, once."""
     if run.test_ds is None:
         return
-    from schane.engine.evaluate import classification_metrics, predict_logits
 
     p = run.parts
     eval_model = copy.deepcopy(p.ema.module if p.ema is not None else p.raw_model)
@@ -554,7 +546,6 @@ def _final_test(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
                                     progress=cfg.train.progress)
     final["test"] = classification_metrics(logits, labels)
     if cfg.train.report:
-        from schane.pipelines.run_report import write_run_report
 
         best = run.manager.best_metric
         report = write_run_report(cfg, cfg.run_dir, logits, labels, run.test_ds.base, weights=final["test_weights"],

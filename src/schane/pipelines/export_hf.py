@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from schane.config import to_dict
 from schane.models.hf import quiet_progress, save_hf_classifier

@@ -42,8 +42,11 @@ FINETUNE_PARAMS = ("all", "last", "head")
 class DatasetInfoLike(Protocol):
     """What validation needs to know of a dataset: its registry name and its options."""
 
-    name: str
-    options: Any
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> Any: ...
 
 
 class DatasetCatalog(Protocol):
@@ -410,7 +413,7 @@ def _is_int_text(text: str) -> bool:
 
 
 def _coerce_plain(value: Any, tp: Any, origin: Any, args: tuple[Any, ...], key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # tp is an annotation: a class, never an instance
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -426,8 +429,8 @@ def _coerce_plain(value: Any, tp: Any, origin: Any, args: tuple[Any, ...], key: 
                 raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         inner = args[0] if args else Any
-        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")

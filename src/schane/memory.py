@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ class EmbeddingQueue(nn.Module):
     Raises:
         ValueError: if ``size`` or ``dim`` is not a positive int.
     """
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    ptr: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -113,7 +119,7 @@ class EmbeddingQueue(nn.Module):
         self.ptr.zero_()
         self.count.zero_()
 
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a saved queue.
 
         Raises:

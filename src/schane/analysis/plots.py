@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 from matplotlib import colormaps
@@ -21,6 +21,9 @@ from matplotlib.ticker import MaxNLocator
 
 from schane.analysis.metrics import _as_labels, _as_matrix
 from schane.engine.run_log import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.typing import LineStyleType
 
 __all__ = [
     "balanced_subsample",
@@ -121,13 +124,20 @@ def tsne_embed(
     return np.asarray(xy), lab
 
 
+def _palette(name: str) -> Sequence[Any]:
+    """The colours of matplotlib's qualitative palette ``name`` (a ListedColormap)."""
+    cmap = colormaps[name]
+    assert isinstance(cmap, ListedColormap)
+    return cast(Sequence[Any], cmap.colors)  # matplotlib's stubs type ``colors`` as any array-like
+
+
 def _class_colors(classes: np.ndarray) -> tuple[dict[Any, Any], ListedColormap | None]:
     """A colour per class: qualitative palettes up to 20 classes, a continuous map beyond."""
     n = len(classes)
     if n <= 10:
-        cols = colormaps["tab10"].colors[:n]
+        cols = _palette("tab10")[:n]
     elif n <= MAX_LEGEND_CLASSES:
-        cols = colormaps["tab20"].colors[:n]
+        cols = _palette("tab20")[:n]
     else:
         cmap = colormaps["turbo"]
         cols = [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
@@ -319,7 +329,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 # --------------------------------------------------------------------------- training curves
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -383,7 +393,7 @@ def _metric_keys(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return losses, accs
 
 
-_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+_STYLES: list[LineStyleType] = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
 _MARKERS = ["o", "s", "^", "D", "v", "x"]
 
 
@@ -434,7 +444,7 @@ def training_curves(
         raise ValueError("no numeric loss or accuracy values found in the metrics files " + ", ".join(map(str, runs.values())))
     panels = [("loss", loss_keys)] * bool(loss_keys) + [("accuracy (%)", acc_keys)] * bool(acc_keys)
     fig = Figure(figsize=(6.0 * len(panels) + 2.2, 4.2), dpi=_DPI, layout="constrained")
-    palette = colormaps["tab10"].colors
+    palette = _palette("tab10")
     xlabel = "epoch"
     for j, (ylabel, keys) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
@@ -514,7 +524,7 @@ def sweep_plot(
     pretty = {"loss.lam": "λ (contrastive weight)", "loss.temperature": "τ (temperature)", "loss.beta": "β (hardness)"}
     k = len(sweeps)
     fig = Figure(figsize=(4.6 * k + 0.4, 3.8), dpi=_DPI, layout="constrained")
-    palette = colormaps["tab10"].colors
+    palette = _palette("tab10")
     for i, (key, points) in enumerate(sweeps.items()):
         pts = sorted((float(v), float(m), None if e is None else float(e)) for v, m, e in points)
         if not pts:

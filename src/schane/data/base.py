@@ -15,7 +15,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -459,7 +459,7 @@ def check_no_empty_class(name: str, targets: Sequence[int], classes: Sequence[st
         if len(targets)
         else np.zeros(len(classes), dtype=np.int64)
     )
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    empty = [classes[int(i)] for i in np.flatnonzero(counts == 0)]
     if empty:
         shown = ", ".join(empty[:20]) + (f", ... ({len(empty)} in all)" if len(empty) > 20 else "")
         raise ValueError(
@@ -527,7 +527,7 @@ def classification_split(
 
 def fewshot_split(
     pooled: ImageDataset,
-    class_lists: dict[str, Sequence[str]],
+    class_lists: Mapping[str, Sequence[str]],
     split: str,
     val_fraction: float,
     seed: int,

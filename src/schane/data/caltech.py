@@ -79,7 +79,10 @@ def build_caltech256(
     if not include_clutter:
         dirs = [d for d in dirs if not d.name.endswith(".clutter")]
     classes = [d.name for d in dirs]
-    tr_s, tr_t, te_s, te_t = [], [], [], []
+    tr_s: list[Path] = []
+    tr_t: list[int] = []
+    te_s: list[Path] = []
+    te_t: list[int] = []
     all_targets: list[int] = []
     for k, d in enumerate(dirs):
         files = list_image_files(d)

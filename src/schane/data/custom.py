@@ -361,7 +361,10 @@ def _read_csv(name: str, path: Path, base: Path | None = None) -> list[tuple[Pat
             offending lines are listed).
     """
     rows: list[tuple[Path, str]] = []
-    short, empty, seen, dups = [], [], {}, []
+    short: list[str] = []
+    empty: list[str] = []
+    seen: dict[str, int] = {}
+    dups: list[str] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row or not "".join(row).strip():
@@ -705,7 +708,7 @@ def _check_lists(name: str, lists: Mapping[str, Sequence[str]], available: Seque
                 f"dataset {name!r}: class_splits.{part} has {len(lists[part])} class(es); each list needs at least "
                 f"{MIN_CLASSES} (episodes have at least 2 ways)"
             )
-    where_in = {}
+    where_in: dict[str, list[str]] = {}
     for part in PARTS:
         for c in lists[part]:
             where_in.setdefault(c, []).append(part)

@@ -70,7 +70,7 @@ def _triple(value: Sequence[float], key: str) -> tuple[float, float, float]:
     vals = tuple(float(v) for v in value)
     if len(vals) != 3:
         raise ValueError(f"{key} needs 3 values (R, G, B), got {list(value)}")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def resolve_preprocessing(data_cfg: DataConfig, model_data_config: Mapping[str, Any]) -> Preprocessing:

@@ -139,7 +139,7 @@ def epoch_batches(
             f"the training split has {n} images, fewer than one global batch "
             f"(data.batch_size={batch_size} x {world_size} processes); lower data.batch_size"
         )
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(
         range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True  # type: ignore[arg-type]
     )
     sampler.set_epoch(epoch)

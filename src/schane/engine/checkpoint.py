@@ -44,14 +44,14 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
 
-from schane.config import from_dict
+from schane.config import Config, from_dict
 from schane.distributed import DistInfo, all_gather_object, barrier, broadcast_object
-from schane.models import build_model
+from schane.models import SCHaNeModel, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -289,7 +289,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     Returns:
         The removed paths.
     """
-    removed = []
+    removed: list[Path] = []
     folder = Path(run_dir)
     if not folder.is_dir():
         return removed
@@ -310,7 +310,8 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
 
 def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (CPU) and CUDA RNG states as weights-only-loadable values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default; numpy's stubs type a bare call as the dict form
+    assert isinstance(np_state, tuple)  # the global RandomState is always MT19937, whose legacy state is a tuple
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
@@ -350,7 +351,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- model loading
 
 
-def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Any, Any, int]:
+def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu"
+                          ) -> tuple[SCHaNeModel, Config, int]:
     """Rebuild the trained model from a checkpoint.
 
     The model is built from the checkpoint's own config (without downloading pretrained

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,7 +77,7 @@ def resolve_channels_last(setting: bool | str, model: nn.Module) -> bool:
     return bool(setting)
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
+def to_channels_last(model: ModuleT) -> ModuleT:
     """Store ``model``'s 4-D weights channels-last, except those with a 1x1 kernel, which keep standard strides.
 
     A ``[O, I, 1, 1]`` weight has the same memory order in both formats and differs only in its stride

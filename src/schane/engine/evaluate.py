@@ -7,7 +7,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,8 @@ def extract_features(
     feats, labels = [], []
     try:
         for x, y in _progress(dl, desc="features", enabled=progress):
-            feats.append(model.forward_features(x.to(dev).contiguous(memory_format=fmt)).float().cpu())
+            # any module with forward_features (nn.Module does not declare it)
+            feats.append(cast(Any, model).forward_features(x.to(dev).contiguous(memory_format=fmt)).float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
     finally:
         model.train(was_training)

@@ -16,10 +16,11 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from schane.distributed import DistInfo, gather_no_grad
 from schane.engine.criterion import Criterion
@@ -145,7 +146,8 @@ def train_step(parts: TrainParts, views: Iterable[torch.Tensor], labels: torch.T
         queued_embeddings, queued_labels = parts.queue.get()
         queued_embeddings, queued_labels = queued_embeddings.to(parts.device), queued_labels.to(parts.device)
     no_sync = parts.info.distributed and not sync
-    with parts.model.no_sync() if no_sync else contextlib.nullcontext():
+    # no_sync only under DDP, where parts.model is the DistributedDataParallel wrapper
+    with cast(DistributedDataParallel, parts.model).no_sync() if no_sync else contextlib.nullcontext():
         with autocast(parts.device, parts.amp_dtype):
             out = parts.model(x)
         projections = out.projections.float() if has_contrastive else None
@@ -154,6 +156,7 @@ def train_step(parts: TrainParts, views: Iterable[torch.Tensor], labels: torch.T
                                     queued_embeddings, queued_labels)
         parts.scaler.scale(res.total / group_size).backward()
     if parts.queue is not None:
+        assert projections is not None  # a queue is only built for a contrastive term
         parts.queue.enqueue(gather_no_grad(projections.detach()), gather_no_grad(pair_labels))
     return res, out.logits.detach(), y
 

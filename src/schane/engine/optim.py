@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     names = [n for n, _ in model.named_parameters()]
     bb_names = [n for n, _ in backbone.named_parameters()]
     if hasattr(backbone, "group_matcher"):
-        matcher = backbone.group_matcher(coarse=False)
+        matcher = cast(Any, backbone).group_matcher(coarse=False)  # timm's method, not on nn.Module
         bb_map = group_parameters(backbone, matcher, reverse=True)
         regexes = _matcher_regexes(matcher)
         matched = {n for n in bb_names if regexes is None or any(r.match(n) for r in regexes)}
@@ -174,7 +174,7 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, lr: float) -> torc
         g["peak_lr"] = float(lr)
         g["lr"] = float(lr) * g["lr_scale"]
     return torch.optim.AdamW(
-        groups, lr=float(lr), betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay
+        groups, lr=float(lr), betas=(optim_cfg.betas[0], optim_cfg.betas[1]), weight_decay=optim_cfg.weight_decay
     )
 
 
@@ -229,7 +229,7 @@ class WarmupCosineLR(LRScheduler):
             g.setdefault("peak_lr", g.get("initial_lr", g["lr"]))
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         step = max(self.last_epoch, 0)
         return [
             g["lr_scale"]

@@ -7,8 +7,9 @@ protocol A then reads its support and query features from this :class:`FeatureBa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -111,13 +112,14 @@ def build_feature_bank(
         raise ValueError("build_feature_bank needs at least one episode")
     if n_aug > 0 and support_dataset is None:
         raise ValueError("n_aug > 0 needs a support_dataset with the support augmentation")
-    if len(eval_dataset) != (len(support_dataset) if support_dataset is not None else len(eval_dataset)):
+    n_eval = len(cast(Sized, eval_dataset))  # torch's Dataset type declares no __len__; these are sized datasets
+    if n_eval != (len(cast(Sized, support_dataset)) if support_dataset is not None else n_eval):
         raise ValueError("eval_dataset and support_dataset must be the same split (equal lengths)")
     extract = extract_fn or _default_extract()
     all_ids = sorted({i for e in episodes for i in (*e.support, *e.query)})
     sup_ids = sorted({i for e in episodes for i in e.support})
-    if all_ids[-1] >= len(eval_dataset):
-        raise ValueError(f"episode index {all_ids[-1]} is out of range for a split of {len(eval_dataset)} images")
+    if all_ids[-1] >= n_eval:
+        raise ValueError(f"episode index {all_ids[-1]} is out of range for a split of {n_eval} images")
 
     def run(ds: Dataset, ids: list[int]) -> torch.Tensor:
         feats, _ = extract(model, Subset(ds, ids), batch_size=batch_size, device=device, progress=progress)

@@ -226,6 +226,7 @@ def logreg_fit_batched(
     def fg(p: torch.Tensor, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         zs, ys = (z, onehot) if sel is None else (z[sel], onehot[sel])
         f, gv, gb = _logreg_objective(zs, ys, *split(p), C, grad=True)
+        assert gv is not None and gb is not None  # grad=True returns the gradients
         return f, torch.cat([gv.reshape(p.shape[0], -1), gb], dim=1)
 
     # diagonal initial inverse Hessian: in the eigenbasis the penalised Hessian is close to

@@ -118,8 +118,9 @@ def _sets_from_tag(tag: str, miil: bool = False) -> dict[str, bool]:
                 add(_IMAGE_SOURCES[t], False)
     if ssl and not any(t in _TAG_SETS or t in _IMAGE_SOURCES for t in pre):
         for t in ssl:
-            if _SSL_TAGS[t]:
-                add(_SSL_TAGS[t], False)
+            ssl_source = _SSL_TAGS[t]
+            if ssl_source:
+                add(ssl_source, False)
     return sets
 
 

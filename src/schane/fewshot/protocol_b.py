@@ -22,9 +22,9 @@ channels-last, with convolutions on small maps as matrix products (:mod:`schane.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -169,9 +169,10 @@ def _efficientnet_split(model: nn.Module, tuned: set[str]) -> _Split | None:
     if (type(model) is not SCHaNeModel or "forward_features" in vars(model) or type(bb) is not EfficientNet
             or bb.grad_checkpointing):
         return None
-    flat = [b for stage in bb.blocks for b in stage]
+    stages = [cast(nn.Sequential, stage) for stage in bb.blocks]  # timm's EfficientNet: Sequential of Sequentials
+    flat = [b for stage in stages for b in stage]
     block_of = {f"backbone.blocks.{s}.{j}.": k for k, (s, j) in
-                enumerate((s, j) for s, stage in enumerate(bb.blocks) for j in range(len(stage)))}
+                enumerate((s, j) for s, stage in enumerate(stages) for j in range(len(stage)))}
     first = len(flat)
     for name in tuned:
         if name.startswith(("backbone.conv_stem.", "backbone.bn1.")):
@@ -193,13 +194,14 @@ def _efficientnet_split(model: nn.Module, tuned: set[str]) -> _Split | None:
 
 
 def _split(model: nn.Module, params: str, tuned: set[str]) -> _Split:
+    features: Callable[[torch.Tensor], torch.Tensor] = cast(Any, model).forward_features  # not on nn.Module
     if params == "head":
-        return _Split(model.forward_features, _identity, "the whole model frozen and cached")
+        return _Split(features, _identity, "the whole model frozen and cached")
     if params == "last":
         split = _efficientnet_split(model, tuned)
         if split is not None:
             return split
-    return _Split(_identity, model.forward_features, "no frozen part cached")
+    return _Split(_identity, features, "no frozen part cached")
 
 
 def _to_cl(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -383,7 +385,7 @@ def _run_episode(
             if criterion is None:
                 total = F.cross_entropy(logits, y2)
             else:
-                proj = F.normalize(tuner.model.projector(feats), dim=-1)
+                proj = F.normalize(cast(Any, tuner.model).projector(feats), dim=-1)  # a SCHaNeModel's head
                 total = criterion(logits, y2, proj, ids2).total
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -398,11 +400,12 @@ def _run_episode(
 
 
 def _check_datasets(episodes: Sequence[Episode], support_dataset: Dataset, eval_dataset: Dataset) -> None:
-    if len(support_dataset) != len(eval_dataset):  # type: ignore[arg-type]
+    n_eval = len(cast(Sized, eval_dataset))  # torch's Dataset type declares no __len__; these are sized datasets
+    if len(cast(Sized, support_dataset)) != n_eval:
         raise ValueError("support_dataset and eval_dataset must be the same split (equal lengths)")
     top = max((i for e in episodes for i in (*e.support, *e.query)), default=-1)
-    if top >= len(eval_dataset):  # type: ignore[arg-type]
-        raise ValueError(f"episode index {top} is out of range for a split of {len(eval_dataset)} images")
+    if top >= n_eval:
+        raise ValueError(f"episode index {top} is out of range for a split of {n_eval} images")
 
 
 def evaluate_protocol_b_grid(

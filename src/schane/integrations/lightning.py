@@ -133,7 +133,7 @@ class SCHaNeModule(pl.LightningModule):
         if self.layer_decay is None:
             decay = [p for p in self.parameters() if p.requires_grad and p.ndim > 1]
             rest = [p for p in self.parameters() if p.requires_grad and p.ndim <= 1]
-            groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": self.weight_decay}, {"params": rest, "weight_decay": 0.0}]
             return torch.optim.AdamW(groups, lr=self.lr)
         heads = nn.ModuleDict({"backbone": self.backbone, "classifier": self.classifier, "projector": self.projector})
         groups = param_groups_layer_decay(heads, self.weight_decay, self.layer_decay)

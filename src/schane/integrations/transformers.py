@@ -110,7 +110,8 @@ def add_projection_head(model: nn.Module, proj_dim: int = 128) -> nn.Module:
             return SCHaNeClassifierOutput(**fields, projections=getattr(module, PROJECTOR)(feature))
         return output
 
-    model._schane_hooks = (linear.register_forward_pre_hook(keep_feature),
+    # torch's stubs type Module.__setattr__ values as Tensor | Module only; any value is accepted (stored as is)
+    model._schane_hooks = (linear.register_forward_pre_hook(keep_feature),  # type: ignore[assignment]
                            model.register_forward_hook(add_projections, with_kwargs=True))
     return model
 

@@ -25,7 +25,7 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -400,7 +400,7 @@ def create_backbone(
     elif name == EFFNET_LITE0_OFFLINE:
         backbone = _create_timm(EFFNET_LITE0_TIMM_NAME, _timm_kwargs(drop_path, drop_rate, kwargs))
         if checkpoint is None and pretrained:
-            sd = OrderedDict(
+            sd: dict[str, torch.Tensor] = OrderedDict(
                 (k, v) for k, v in effnet_lite0_state_dict().items() if not k.startswith("classifier.")
             )
             report = load_backbone_weights(
@@ -452,4 +452,5 @@ def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``forward_head(forward_features(x), pre_logits=True)``: the pooled feature ``[B, num_features]``."""
-    return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+    bb = cast(Any, backbone)  # timm-style methods that nn.Module does not declare
+    return bb.forward_head(bb.forward_features(x), pre_logits=True)

@@ -137,21 +137,24 @@ def _preprocessing(source: str, config: Any) -> dict[str, Any]:
     try:
         proc = AutoImageProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        size = int(getattr(config, "image_size", 224) or 224)
+        px = int(getattr(config, "image_size", 224) or 224)
         logger.warning("hf:%s has no image processor (%s): using %d px and the ImageNet mean/std",
-                       source, str(e).splitlines()[0][:120], size)
-        return {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0,
+                       source, str(e).splitlines()[0][:120], px)
+        return {"input_size": (3, px, px), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0,
                 "interpolation": "bicubic"}
-    size = dict(getattr(proc, "size", None) or {})
-    crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
+    size: dict[str, int] = dict(getattr(proc, "size", None) or {})
+    crop: dict[str, int] = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
     if crop:
-        side = int(crop.get("height") or crop.get("shortest_edge"))
+        crop_side = crop.get("height") or crop.get("shortest_edge")
+        assert crop_side is not None  # transformers' crop_size has a height or a shortest_edge
+        side = int(crop_side)
         resize = size.get("shortest_edge") or size.get("height")
         crop_pct = min(1.0, side / float(resize)) if resize else 1.0
     elif "height" in size:
         side, crop_pct = int(size["height"]), 1.0
     else:
-        side = int(size.get("shortest_edge") or getattr(config, "image_size", 224))
+        config_side = getattr(config, "image_size", 224)
+        side = int(size.get("shortest_edge") or config_side)
         crop_pct = float(getattr(proc, "crop_pct", None) or 1.0)  # ConvNeXt: resize side / crop_pct, centre crop
     mean = tuple(float(v) for v in (getattr(proc, "image_mean", None) or IMAGENET_MEAN))
     std = tuple(float(v) for v in (getattr(proc, "image_std", None) or IMAGENET_STD))

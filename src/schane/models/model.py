@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -68,6 +68,8 @@ class SCHaNeModel(nn.Module):
         >>> out.logits.shape, out.features.shape, out.projections.shape  # doctest: +SKIP
         (torch.Size([2, 5]), torch.Size([2, 512]), torch.Size([2, 128]))
     """
+
+    class_names: list[str] | None  # set when rebuilt from a checkpoint (load_checkpoint_model)
 
     def __init__(
         self,
@@ -159,7 +161,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int, *, strict: bool = True
             raise ValueError(f"model.grad_checkpointing: backbone {model_cfg.backbone!r} does not support activation "
                              "checkpointing (timm transformers and BEiT-3 do); set model.grad_checkpointing=false")
         try:
-            backbone.set_grad_checkpointing(True)
+            cast(Any, backbone).set_grad_checkpointing(True)  # a timm-style method nn.Module lacks
         except (AssertionError, NotImplementedError) as e:
             raise ValueError(f"model.grad_checkpointing: backbone {model_cfg.backbone!r} does not support activation "
                              f"checkpointing ({e or 'not implemented'}); set model.grad_checkpointing=false") from None

@@ -57,7 +57,7 @@ def _padding(m: nn.Conv2d, size: int, dim: int) -> tuple[int, int] | None:
         total = (k - 1) * d
         p = total // 2
     else:
-        p = int(pad[dim])  # type: ignore[index]
+        p = int(pad[dim])
         total = 2 * p
     out = (size + total - d * (k - 1) - 1) // s + 1
     return (p, out) if out >= 1 else None
@@ -151,7 +151,7 @@ def unpatch_convolutions(patched: Handle) -> None:
         if own is None:
             vars(m).pop("forward", None)
         else:
-            m.forward = own  # type: ignore[method-assign]
+            m.forward = own
 
 
 @contextmanager

@@ -42,10 +42,10 @@ import struct
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -478,7 +478,7 @@ def plan_backbone_load(
     allowed_missing: dict[str, str] = {}
     interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     if hasattr(backbone, "adapt_state_dict"):
-        adapted: StateDictAdaptation = backbone.adapt_state_dict(sd)
+        adapted: StateDictAdaptation = cast(Any, backbone).adapt_state_dict(sd)  # Beit3Backbone's hook
         sd, allowed_missing, interpolated = adapted.state_dict, adapted.allowed_missing, adapted.interpolated
         ignored.update(adapted.ignored)
     own = backbone.state_dict()
@@ -656,11 +656,12 @@ def _cached_hub_file(pretrained_cfg: Mapping[str, Any]) -> str | None:
     """Path of already-downloaded weights for a timm pretrained config, or ``None``."""
     hub_id = pretrained_cfg.get("hf_hub_id")
     if hub_id:
+        lookup: Callable[..., Any] | None
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache as lookup
         except ImportError:  # pragma: no cover - huggingface_hub ships with timm
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
+            lookup = None
+        if lookup is not None:
             cache_dir = os.environ.get("HF_HUB_CACHE")
             names = [pretrained_cfg.get("hf_hub_filename")] + [
                 "model.safetensors",
@@ -669,7 +670,7 @@ def _cached_hub_file(pretrained_cfg: Mapping[str, Any]) -> str | None:
                 "open_clip_pytorch_model.bin",
             ]
             for name in filter(None, names):
-                found = try_to_load_from_cache(hub_id, name, cache_dir=cache_dir)
+                found = lookup(hub_id, name, cache_dir=cache_dir)
                 if isinstance(found, str) and os.path.isfile(found):
                     return found
     url = pretrained_cfg.get("url")

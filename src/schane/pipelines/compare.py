@@ -112,7 +112,7 @@ def metrics_for(model: Any, cfg: Config, device: torch.device, progress: bool) -
         ref = _features(model, dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, projections=False)),
                         "train", device, progress)
         reference = (ref["features"], ref["labels"])
-    kw = {"k": cfg.analysis.knn_k, "max_points": cfg.analysis.metric_max_points, "seed": cfg.analysis.seed}
+    kw: dict[str, Any] = {"k": cfg.analysis.knn_k, "max_points": cfg.analysis.metric_max_points, "seed": cfg.analysis.seed}
     row = compute_embedding_metrics(data["features"], data["labels"], reference=reference, **kw)
     if "projections" in data:
         proj = compute_embedding_metrics(data["projections"], data["labels"], **kw)

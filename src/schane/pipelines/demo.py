@@ -151,12 +151,12 @@ def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = No
 def _rows(results: dict[str, Any], per_method: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
     """One report row per method: accuracies, mean embedding metrics over seeds, mean training time."""
     train_time: dict[str, list[float]] = {}
-    for row in results["rows"]:
-        final = Path(row["run_dir"]) / "final.json" if row["run_dir"] else None
+    for result in results["rows"]:
+        final = Path(result["run_dir"]) / "final.json" if result["run_dir"] else None
         if final is not None and final.is_file():
             secs = json.loads(final.read_text()).get("train_seconds")
             if secs is not None:
-                train_time.setdefault(row["method"], []).append(float(secs))
+                train_time.setdefault(result["method"], []).append(float(secs))
     rows = []
     for method, mets in per_method.items():
         row: dict[str, Any] = {"method": method, "label": label(method), "accuracy": _accuracy(results, method)}

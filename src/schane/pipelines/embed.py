@@ -82,6 +82,7 @@ def _source(cfg: Any, data: str | Path | None, split: str | None) -> tuple[Any, 
                                                                          list[str] | None]:
     """``(images for ReadableImages, a name per image, labels or None, class names or None)``."""
     if split is None:
+        assert data is not None  # embed() asks for a folder or a split
         paths = find_images(data)
         return paths, [str(p) for p in paths], None, None
     splits = dataset_splits(cfg)
@@ -154,8 +155,12 @@ def embed_images(
         raise ValueError(f"none of the {len(names)} images could be read (first: {skipped[0][1]}); "
                          f"they are listed in {base}.skipped.csv")
     emb = np.concatenate(chunks).astype(np.float32, copy=False)
-    meta = [(names[i], "" if labels is None else labels[i], "" if classes is None else classes[labels[i]])
-            for i in rows]
+    meta: list[tuple[str, int | str, str]]
+    if classes is not None:
+        assert labels is not None  # _source gives class names only with labels
+        meta = [(names[i], labels[i], classes[labels[i]]) for i in rows]
+    else:
+        meta = [(names[i], "" if labels is None else labels[i], "") for i in rows]
     files = _write(base, fmt, emb, meta)
     skipped_file = write_skipped(skipped, names, _with(base, ".skipped.csv"))
     logger.info("embedded %d images (%s, %d dims) into %s", len(rows), kind, emb.shape[1],

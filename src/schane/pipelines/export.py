@@ -39,15 +39,16 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from schane.config import Config, to_dict
 from schane.engine.checkpoint import evaluation_weights, load_checkpoint
-from schane.models.backbones import is_beit3
+from schane.models.backbones import Beit3Backbone, is_beit3
 from schane.models.hf import is_hf
+from schane.models.model import SCHaNeModel
 from schane.models.weights import EFFNET_LITE0_OFFLINE, EFFNET_LITE0_TIMM_NAME
 from schane.pipelines.runs import load_for_evaluation
 from schane.pipelines.splits import preprocessing_for
@@ -250,7 +251,7 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def heads_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def heads_tensors(model: SCHaNeModel) -> dict[str, torch.Tensor]:
     return {**{f"classifier.{k}": v for k, v in model.classifier.state_dict().items()},
             **{f"projector.{k}": v for k, v in model.projector.state_dict().items()}}
 
@@ -275,7 +276,7 @@ def _timm_reference(name: str, num_classes: int, model_args: dict[str, Any]) -> 
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **model_args)
 
 
-def _timm_layout(model: nn.Module, cfg: Config, heads: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+def _timm_layout(model: SCHaNeModel, cfg: Config, heads: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                                       str | None]:
     """The backbone's tensors under timm's names, with the classifier on the timm model's own head.
 
@@ -287,7 +288,7 @@ def _timm_layout(model: nn.Module, cfg: Config, heads: bool) -> tuple[dict[str, 
     tensors = dict(model.backbone.state_dict())
     c = model.num_classes
     ref = _timm_reference(name, c, model_args)
-    clf = ref.get_classifier()
+    clf = cast(Any, ref).get_classifier()  # timm's method, not on nn.Module
     clf_name = next((n for n, m in ref.named_modules() if m is clf), None)
     mappable = (isinstance(clf, nn.Linear) and bool(clf_name) and clf.in_features == model.num_features
                 and clf.out_features == c)
@@ -311,9 +312,10 @@ def _timm_layout(model: nn.Module, cfg: Config, heads: bool) -> tuple[dict[str, 
     return tensors, {"architecture": name, "model_args": model_args, "pretrained_cfg_overlay": overlay}, clf_key
 
 
-def _beit3_layout(model: nn.Module, heads: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+def _beit3_layout(model: SCHaNeModel, heads: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """The official BEiT-3 layout (``beit3.*``, ``fc_norm.*``, ``head.*``) and the torchscale EncoderConfig."""
     bb = model.backbone
+    assert isinstance(bb, Beit3Backbone)  # the beit3 layout is only chosen for BEiT-3 backbones
     tensors = dict(bb.state_dict())
     if heads:
         tensors["head.weight"], tensors["head.bias"] = model.classifier.weight, model.classifier.bias
@@ -325,7 +327,7 @@ def _beit3_layout(model: nn.Module, heads: bool) -> tuple[dict[str, torch.Tensor
 # --------------------------------------------------------------------------- config.json and the model card
 
 
-def export_preprocessing(cfg: Config, model: nn.Module) -> dict[str, Any]:
+def export_preprocessing(cfg: Config, model: SCHaNeModel) -> dict[str, Any]:
     pre = preprocessing_for(cfg, model)
     s = int(cfg.data.img_size)
     return {"input_size": [3, s, s], "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
@@ -339,7 +341,7 @@ def _timm_data_cfg(pre: dict[str, Any]) -> dict[str, Any]:
             "std": pre["std"], "crop_pct": 1.0 if squash else pre["crop_pct"], "crop_mode": "squash" if squash else "center"}
 
 
-def _export_config(cfg: Config, model: nn.Module, loaded: Any, kind: str, layout: dict[str, Any], which: str,
+def _export_config(cfg: Config, model: SCHaNeModel, loaded: Any, kind: str, layout: dict[str, Any], which: str,
                    heads: bool, clf_key: str | None, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     pre = export_preprocessing(cfg, model)
     names = loaded.class_names
@@ -457,12 +459,15 @@ def model_card(config: dict[str, Any], snippet: str) -> str:
 # --------------------------------------------------------------------------- loading the export back
 
 
-def _verify_size(cfg: Config, model: nn.Module, kind: str) -> int:
-    return int(model.backbone.img_size) if kind == "beit3" else int(cfg.data.img_size)
+def _verify_size(cfg: Config, model: SCHaNeModel, kind: str) -> int:
+    if kind == "beit3":
+        assert isinstance(model.backbone, Beit3Backbone)
+        return model.backbone.img_size
+    return int(cfg.data.img_size)
 
 
 @torch.no_grad()
-def _verify(out: Path, config: dict[str, Any], model: nn.Module, *, img_size: int) -> float:
+def _verify(out: Path, config: dict[str, Any], model: SCHaNeModel, *, img_size: int) -> float:
     """Load the export the way a user does and compare its outputs with schane's on a random batch.
 
     Returns:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from schane.config import to_dict
 from schane.models.hf import quiet_progress, save_hf_classifier
+from schane.models.model import SCHaNeModel
 from schane.pipelines.export import ExportResult, export_preprocessing, heads_tensors, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _card(meta: dict[str, Any], snippet: str) -> str:
 
 
 @torch.no_grad()
-def _verify(out: Path, model: nn.Module, img_size: int) -> float:
+def _verify(out: Path, model: SCHaNeModel, img_size: int) -> float:
     """Load the export with transformers alone and compare its logits with schane's on a random batch."""
     import inspect
 

@@ -37,7 +37,7 @@ from schane.engine.device import resolve_device
 from schane.fewshot.episodes import Episode, sample_episodes, save_episodes
 from schane.fewshot.overlap import pretraining_overlap
 from schane.fewshot.stats import paired_difference, seed_summary
-from schane.models import build_model
+from schane.models import SCHaNeModel, build_model
 from schane.pipelines.runs import check_class_names, check_config, prepare_run_dir, with_overrides
 from schane.pipelines.scoring import (
     TEST_SPLIT,
@@ -67,7 +67,7 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def pretrained_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+def pretrained_model(cfg: Config, num_classes: int) -> SCHaNeModel:
     """The backbone without fine-tuning; its random parts (the heads) are the same in every rerun."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -240,7 +240,10 @@ def run_fewshot(cfg: Config, *, train_fn: Callable[..., Any] | None = None) -> d
     rows: list[dict[str, Any]] = []
     if fs.include_pretrained:
         logger.info("[fewshot] %s: %s without fine-tuning", PRETRAINED, cfg.model.backbone)
-        rows.append(study.row(PRETRAINED, None, None, [("none", lambda m=pretrained: m)], PRETRAINED))
+        def keep(m: SCHaNeModel = pretrained) -> SCHaNeModel:  # bound now: `pretrained` is deleted below
+            return m
+
+        rows.append(study.row(PRETRAINED, None, None, [("none", keep)], PRETRAINED))
     del pretrained
     base_classes = load_split(cfg, "train").classes if fs.losses else []
     for loss in fs.losses:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,8 +25,10 @@ from schane.config import Config, apply_overrides, from_dict, load_config, to_di
 from schane.data import dataset_info
 from schane.engine.checkpoint import CheckpointError, CheckpointFieldError, load_checkpoint_model
 from schane.engine.device import resolve_channels_last, resolve_device
+from schane.models import SCHaNeModel
 
 logger = logging.getLogger(__name__)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def check_config(cfg: Config) -> None:
@@ -113,7 +115,7 @@ class Loaded:
         path: the checkpoint.
     """
 
-    model: nn.Module
+    model: SCHaNeModel
     cfg: Config
     num_classes: int
     class_names: list[str] | None
@@ -162,7 +164,7 @@ def _find_moved_split_lists(cfg: Config, checkpoint: Path) -> None:
         cfg.data.options = {**cfg.data.options, "split_lists": str(beside.resolve())}
 
 
-def prepare_for_inference(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+def prepare_for_inference(model: ModuleT, cfg: Config, device: torch.device) -> ModuleT:
     """``model`` in eval mode on ``device``, channels-last when ``train.channels_last`` resolves so."""
 
     model = model.to(device).eval()

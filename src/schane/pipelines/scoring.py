@@ -23,6 +23,7 @@ from schane.engine.evaluate import extract_features
 from schane.fewshot import build_feature_bank, evaluate_protocol_a, settings_grid
 from schane.fewshot.episodes import Episode
 from schane.fewshot.stats import mean_ci
+from schane.models.model import SCHaNeModel
 from schane.pipelines.runs import prepare_for_inference
 from schane.pipelines.splits import eval_transform_for, load_split, support_transform_for
 
@@ -44,7 +45,7 @@ class FewShotViews:
     classes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def fewshot_views(cfg: Config, model: nn.Module, splits: Sequence[str]) -> FewShotViews:
+def fewshot_views(cfg: Config, model: SCHaNeModel, splits: Sequence[str]) -> FewShotViews:
     """Load ``splits`` (e.g. ``val_classes``, ``test_classes``) with ``model``'s evaluation and support views."""
 
     views = FewShotViews()
@@ -194,7 +195,7 @@ class FewShotStudy:
             res = self.evaluate(load(), VAL_SPLIT, shots, opts, f"{tag} [{name}]")
             for (shot, opt), accs in res.items():
                 scores[shot].append((float(accs.mean()), name, opt))
-        choice = {}
+        choice: dict[int, tuple[str, Any, float | None, list[tuple[float, str, Any]]]] = {}
         for shot, sc in scores.items():
             # first of equals: earlier candidate, earlier option (smaller C; 0 steps, then fewer steps)
             best = max(sc, key=lambda t: t[0])

@@ -14,12 +14,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
-
 from schane.config import Config
 from schane.data import dataset_info, get_dataset
 from schane.data.transforms import resolve_preprocessing
 from schane.engine.batches import IndexedDataset
+from schane.models.model import SCHaNeModel
 
 logger = logging.getLogger(__name__)
 
@@ -59,29 +58,29 @@ def dataset_splits(cfg: Config) -> tuple[str, ...]:
     return dataset_info(cfg.data.name, options=cfg.data.options).splits
 
 
-def preprocessing_for(cfg: Config, model: nn.Module) -> Any:
+def preprocessing_for(cfg: Config, model: SCHaNeModel) -> Any:
     """The run's :class:`~schane.data.transforms.Preprocessing`: ``data.mean/std/crop_pct/eval_resize`` where
     set, else the values of ``model``'s pretrained weights."""
 
     return resolve_preprocessing(cfg.data, model.data_config)
 
 
-def eval_transform_for(cfg: Config, model: nn.Module) -> Any:
+def eval_transform_for(cfg: Config, model: SCHaNeModel) -> Any:
     """The deterministic evaluation transform for ``model`` at ``data.img_size``."""
     return preprocessing_for(cfg, model).eval_transform(cfg.data.img_size)
 
 
-def train_transform_for(cfg: Config, model: nn.Module) -> Any:
+def train_transform_for(cfg: Config, model: SCHaNeModel) -> Any:
     """One random training view for ``model`` (``aug.*`` settings)."""
     return preprocessing_for(cfg, model).train_transform(cfg.data.img_size, cfg.aug)
 
 
-def support_transform_for(cfg: Config, model: nn.Module) -> Any:
+def support_transform_for(cfg: Config, model: SCHaNeModel) -> Any:
     """The few-shot support augmentation for ``model``."""
     return preprocessing_for(cfg, model).support_transform(cfg.data.img_size)
 
 
-def eval_dataset(cfg: Config, model: nn.Module, split: str) -> tuple[Any, Any]:
+def eval_dataset(cfg: Config, model: SCHaNeModel, split: str) -> tuple[Any, Any]:
     """``(dataset with the evaluation transform, the plain split)`` for ``model``."""
 
     base = load_split(cfg, split)

@@ -229,7 +229,7 @@ def _train_locked(cfg: Config, resume: str | None, callback: StepCallback | None
         raise
     finally:
         stop.restore()
-    final = {
+    final: dict[str, Any] = {
         "loss": cfg.loss.name,
         "epochs": cfg.optim.epochs,
         "global_step": run.global_step,
@@ -242,6 +242,7 @@ def _train_locked(cfg: Config, resume: str | None, callback: StepCallback | None
         "test": None,
     }
     if info.is_main:
+        assert log is not None  # the main process opens the log
         _final_test(cfg, run, final)
         (run_dir / "final.json").write_text(json.dumps(final, indent=2))
         log.log({"kind": "final", **{k: v for k, v in final.items() if not isinstance(v, dict)},
@@ -334,7 +335,7 @@ def _setup(cfg: Config, info: DistInfo) -> _Run:
     queue = None
     if criterion.contrastive is not None and cfg.loss.queue_size > 0 and cfg.loss.lam > 0:
         queue = EmbeddingQueue(cfg.loss.queue_size, cfg.model.proj_dim)
-    wrapped = model
+    wrapped: torch.nn.Module = model
     if info.distributed:
         unused = criterion.contrastive is None or cfg.loss.lam in (0.0, 1.0)
         wrapped = DistributedDataParallel(
@@ -433,6 +434,7 @@ def _fit(cfg: Config, run: _Run, start: tuple[int, int], log: MetricsLogger | No
             last_val = {"top1": metric, **({"ema": True} if p.ema is not None else {})}
         run.manager.end_epoch(epoch, metric, run.global_step)
         if info.is_main:
+            assert log is not None  # the main process opens the log
             if metric is not None:
                 record["best_val_top1"] = run.manager.best_metric
             log.log(record, step=run.global_step)
@@ -465,6 +467,7 @@ def _preempt(run: _Run, log: MetricsLogger | None, stop: StopSignals, epoch: int
 def _validate(cfg: Config, run: _Run, record: dict[str, Any]) -> float:
 
     p = run.parts
+    assert run.val_ds is not None  # _fit validates only with a validation split
     vals, metric = validate(
         p.raw_model, run.val_ds, ema_model=p.ema.module if p.ema is not None else None, batch_size=cfg.data.eval_batch_size,
         device=p.device, amp_dtype=p.amp_dtype, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
@@ -547,15 +550,19 @@ def _final_test(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
     final["test"] = classification_metrics(logits, labels)
     if cfg.train.report:
 
-        best = run.manager.best_metric
+        best_top1 = run.manager.best_metric
         report = write_run_report(cfg, cfg.run_dir, logits, labels, run.test_ds.base, weights=final["test_weights"],
-                                  final={**final, "best_val_top1": best})
+                                  final={**final, "best_val_top1": best_top1})
         final["report"] = str(report)
 
 
 def _summary(cfg: Config, run: _Run, final: dict[str, Any]) -> None:
     best, epoch = run.manager.best_metric, run.manager.best_epoch
-    msg = "done: " + (f"best val top-1 {100 * best:.2f}% (epoch {epoch + 1})" if best is not None else "no val split")
+    if best is not None:
+        assert epoch is not None  # the manager records the best epoch with the best metric
+        msg = f"done: best val top-1 {100 * best:.2f}% (epoch {epoch + 1})"
+    else:
+        msg = "done: no val split"
     if final["test"]:
         msg += f", test top-1 {100 * final['test']['top1']:.2f}%"
     where = f"report {final['report']}" if final.get("report") else f"run dir {cfg.run_dir}"

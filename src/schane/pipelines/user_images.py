@@ -8,7 +8,7 @@ import csv
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -70,7 +70,8 @@ class ReadableImages(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
 
         try:
-            img = load_image(self.source[i]) if self._paths else self.source[i][0]
+            img = (load_image(cast(Sequence[Path], self.source)[i]) if self._paths  # a list or tuple of paths
+                   else cast(Dataset, self.source)[i][0])
         except (CorruptImageError, OSError) as e:  # undecodable, missing or unreadable (permissions, I/O error)
             return i, None, str(e)
         return i, self.transform(img), ""

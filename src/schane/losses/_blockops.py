@@ -2,6 +2,8 @@
 
 Each operation reads one ``[n, M]`` similarity block and either reduces it to per-row statistics over a subset
 of its columns (forward) or overwrites it with a gradient block (backward).
+The sums they compute are those of :mod:`schane.losses.reference` (over ``N(i)`` or over ``a != i``), in log
+space; the row kernels of :mod:`._kernels` combine them into each loss.
 
 * Eager forms exclude columns by writing a large finite negative *sentinel* into them with one sparse scatter
   (``exp`` maps it to 0, and a row without any included column never gives ``inf - inf``), then work in place:

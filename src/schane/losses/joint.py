@@ -1,5 +1,7 @@
 """Joint objective ``total = lam * contrastive + (1 - lam) * cross_entropy``.
 
+Plain form: :func:`schane.losses.reference.joint_reference`.
+
 Example:
     >>> import torch
     >>> from schane.losses import JointLoss, SCHaNeLoss

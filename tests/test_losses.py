@@ -233,6 +233,20 @@ def test_ntxent_and_hcl_match_loop_reference(pattern):
         _check(lambda a, h=hcl: h(a, y), lambda a, b=beta, t=tp: hard_negative_ntxent_reference(a, y, beta=b, tau_plus=t), x)
 
 
+@pytest.mark.parametrize("pattern", ["multi_view", "random"])
+def test_unnormalised_losses_match_reference(pattern):
+    y = PATTERNS[pattern]
+    x = _emb(len(y), seed=15) * 0.6
+    kw = {"temperature": 2.0, "normalize": False}
+    _check(lambda a: supcon_loss(a, y, **kw), lambda a: supcon_reference(a, y, **kw), x)
+    _check(lambda a: ntxent_loss(a, y, **kw), lambda a: ntxent_reference(a, y, **kw), x)
+    _check(
+        lambda a: hard_negative_ntxent_loss(a, y, beta=1.5, tau_plus=0.2, **kw),
+        lambda a: hard_negative_ntxent_reference(a, y, beta=1.5, tau_plus=0.2, **kw),
+        x,
+    )
+
+
 def test_hcl_clamp_is_active_at_high_tau_plus():
     y = torch.arange(4).repeat(2)
     x = _emb(8, seed=2)

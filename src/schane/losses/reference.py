@@ -44,12 +44,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 __all__ = [
     "hard_negative_ntxent_reference",
     "joint_reference",
+    "mean_over_anchors",
     "ntxent_reference",
     "schane_reference",
     "supcon_reference",
@@ -90,17 +92,43 @@ def _contrast_set(
     return z, torch.cat([z, r]), torch.cat([labels, ref_labels])
 
 
-def _positives_negatives(
-    i: int, labels: torch.Tensor, c_labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean ``[M]`` masks of ``P(i)`` (same label, not ``i`` itself) and ``N(i)`` (another label)."""
-    same = c_labels == labels[i]
-    not_self = torch.arange(c_labels.shape[0], device=c_labels.device) != i
-    return same & not_self, ~same
+AnchorLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(s[M], pos[M], neg[M]) -> l_i``: one anchor's loss from its similarities and its positive/negative masks."""
 
 
-def _mean_over_anchors(losses: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """Mean of the per-anchor losses; ``0 * sum(z)`` (connected to the graph) when no anchor has a positive."""
+def mean_over_anchors(
+    anchor_loss: AnchorLoss,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    temperature: float,
+    normalize: bool,
+) -> torch.Tensor:
+    """The mean of ``l_i = anchor_loss(s_i, P(i), N(i))`` over the anchors ``i`` with a positive.
+
+    Args:
+        anchor_loss: ``(s[M], pos[M], neg[M]) -> l_i``: the anchor's similarities ``s_ij = z_i . c_j / tau`` to
+            the contrast set and boolean masks of its positives ``P(i)`` and negatives ``N(i)`` (``pos | neg`` is
+            every column but the anchor's own).
+        embeddings: ``[N, D]`` anchors.
+        labels: ``[N]`` their labels.
+        ref_embeddings: ``[M_ref, D]`` extra contrast samples (never anchors), or ``None``.
+        ref_labels: ``[M_ref]`` their labels, or ``None``.
+        temperature: ``tau``.
+        normalize: L2-normalise the rows first.
+
+    Returns:
+        Scalar float64 loss; ``0 * sum(z)`` (connected to the graph) when no anchor has a positive.
+    """
+    z, c, c_labels = _contrast_set(embeddings, labels, ref_embeddings, ref_labels, normalize)
+    columns = torch.arange(c.shape[0], device=c.device)
+    losses = []
+    for i in range(z.shape[0]):
+        same = c_labels == labels[i]
+        pos, neg = same & (columns != i), ~same
+        if pos.any():
+            losses.append(anchor_loss(c @ z[i] / temperature, pos, neg))
     return torch.stack(losses).mean() if losses else z.sum() * 0.0
 
 
@@ -147,21 +175,18 @@ def schane_reference(
     """
     if positive_mode not in ("mean", "each"):
         raise ValueError(f"positive_mode must be 'mean' or 'each', got {positive_mode!r}")
-    z, c, c_labels = _contrast_set(embeddings, labels, ref_embeddings, ref_labels, normalize)
-    losses = []
-    for i in range(z.shape[0]):
-        pos, neg = _positives_negatives(i, labels, c_labels)
-        if not pos.any():
-            continue
-        s = c @ z[i] / temperature  # [M]
+
+    def anchor_loss(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         ng = _hard_negative_sum(s[neg], beta, detach_weights)
         e_pos = torch.exp(s[pos])
         if positive_mode == "mean":
             pos_i = e_pos.mean()
-            losses.append(-torch.log(pos_i / (pos_i + ng)))
-        else:
-            losses.append((-torch.log(e_pos / (e_pos + ng))).mean())
-    return _mean_over_anchors(losses, z)
+            return -torch.log(pos_i / (pos_i + ng))
+        return (-torch.log(e_pos / (e_pos + ng))).mean()
+
+    return mean_over_anchors(
+        anchor_loss, embeddings, labels, ref_embeddings, ref_labels, temperature, normalize
+    )
 
 
 def supcon_reference(
@@ -186,17 +211,14 @@ def supcon_reference(
     Returns:
         Scalar float64 loss.
     """
-    z, c, c_labels = _contrast_set(embeddings, labels, ref_embeddings, ref_labels, normalize)
-    losses = []
-    for i in range(z.shape[0]):
-        pos, _ = _positives_negatives(i, labels, c_labels)
-        if not pos.any():
-            continue
-        s = c @ z[i] / temperature  # [M]
-        others = torch.arange(c.shape[0], device=c.device) != i
-        denominator = torch.exp(s[others]).sum()
-        losses.append(-torch.log(torch.exp(s[pos]) / denominator).mean())
-    return _mean_over_anchors(losses, z)
+
+    def anchor_loss(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        denominator = torch.exp(s[pos | neg]).sum()  # over every a != i
+        return -torch.log(torch.exp(s[pos]) / denominator).mean()
+
+    return mean_over_anchors(
+        anchor_loss, embeddings, labels, ref_embeddings, ref_labels, temperature, normalize
+    )
 
 
 def _two_view_ids(embeddings: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -234,17 +256,13 @@ def ntxent_reference(
     Raises:
         ValueError: if ``labels`` is ``None`` and N is odd.
     """
-    labels = _two_view_ids(embeddings, labels)
-    z, c, c_labels = _contrast_set(embeddings, labels, ref_embeddings, ref_labels, normalize)
-    losses = []
-    for i in range(z.shape[0]):
-        pos, neg = _positives_negatives(i, labels, c_labels)
-        if not pos.any():
-            continue
-        s = c @ z[i] / temperature  # [M]
+
+    def anchor_loss(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         e_pos = torch.exp(s[pos])
-        losses.append((-torch.log(e_pos / (e_pos + torch.exp(s[neg]).sum()))).mean())
-    return _mean_over_anchors(losses, z)
+        return (-torch.log(e_pos / (e_pos + torch.exp(s[neg]).sum()))).mean()
+
+    ids = _two_view_ids(embeddings, labels)
+    return mean_over_anchors(anchor_loss, embeddings, ids, ref_embeddings, ref_labels, temperature, normalize)
 
 
 def hard_negative_ntxent_reference(
@@ -276,26 +294,17 @@ def hard_negative_ntxent_reference(
     Raises:
         ValueError: if ``labels`` is ``None`` and N is odd.
     """
-    labels = _two_view_ids(embeddings, labels)
-    z, c, c_labels = _contrast_set(embeddings, labels, ref_embeddings, ref_labels, normalize)
-    losses = []
-    for i in range(z.shape[0]):
-        pos, neg = _positives_negatives(i, labels, c_labels)
-        if not pos.any():
-            continue
-        s = c @ z[i] / temperature  # [M]
-        n_neg = int(neg.sum())
-        ng = _hard_negative_sum(s[neg], beta)
-        terms = []
-        for e_p in torch.exp(s[pos]):
-            if n_neg == 0:
-                ng_p = ng  # 0
-            else:
-                debiased = (ng - tau_plus * n_neg * e_p) / (1.0 - tau_plus)
-                ng_p = torch.clamp(debiased, min=n_neg * math.exp(-1.0 / temperature))
-            terms.append(-torch.log(e_p / (e_p + ng_p)))
-        losses.append(torch.stack(terms).mean())
-    return _mean_over_anchors(losses, z)
+
+    def anchor_loss(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        e_pos, n_neg = torch.exp(s[pos]), int(neg.sum())
+        ng_p = torch.zeros_like(e_pos)  # Ng_ip = 0 without negatives
+        if n_neg > 0:
+            debiased = (_hard_negative_sum(s[neg], beta) - tau_plus * n_neg * e_pos) / (1.0 - tau_plus)
+            ng_p = torch.clamp(debiased, min=n_neg * math.exp(-1.0 / temperature))
+        return (-torch.log(e_pos / (e_pos + ng_p))).mean()
+
+    ids = _two_view_ids(embeddings, labels)
+    return mean_over_anchors(anchor_loss, embeddings, ids, ref_embeddings, ref_labels, temperature, normalize)
 
 
 def joint_reference(

@@ -1,4 +1,4 @@
-"""Block-kernel backends: eager and ``torch.compile`` against the float64 loop references of test_losses."""
+"""Block-kernel backends: eager and ``torch.compile`` against the float64 formulas of schane.losses.reference."""
 
 from __future__ import annotations
 
@@ -18,7 +18,13 @@ from schane.losses import (
     schane_loss,
 )
 from schane.losses._logspace import LabelIndex, _make_block, _positions
-from test_losses import PATTERNS, _check, _emb, ref_hcl, ref_schane, ref_supcon
+from schane.losses.reference import (
+    hard_negative_ntxent_reference,
+    ntxent_reference,
+    schane_reference,
+    supcon_reference,
+)
+from test_losses import PATTERNS, _check, _emb
 
 BACKENDS = ["eager", "compile"]
 
@@ -28,35 +34,35 @@ BACKENDS = ["eager", "compile"]
 CASES = {
     "schane_mean_b1": (
         lambda b, c: SCHaNeLoss(temperature=0.5, beta=1.0, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_schane(x, y, rx, ry, beta=1.0),
+        lambda x, y, rx, ry: schane_reference(x, y, rx, ry, beta=1.0),
     ),
     "schane_each_b2.5": (
         lambda b, c: SCHaNeLoss(temperature=0.4, beta=2.5, positive_mode="each", backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_schane(x, y, rx, ry, tau=0.4, beta=2.5, mode="each"),
+        lambda x, y, rx, ry: schane_reference(x, y, rx, ry, temperature=0.4, beta=2.5, positive_mode="each"),
     ),
     "schane_b0": (
         lambda b, c: SCHaNeLoss(temperature=0.5, beta=0.0, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_schane(x, y, rx, ry, beta=0.0),
+        lambda x, y, rx, ry: schane_reference(x, y, rx, ry, beta=0.0),
     ),
     "schane_detach_b1.5": (
         lambda b, c: SCHaNeLoss(temperature=0.3, beta=1.5, detach_weights=True, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_schane(x, y, rx, ry, tau=0.3, beta=1.5, detach=True),
+        lambda x, y, rx, ry: schane_reference(x, y, rx, ry, temperature=0.3, beta=1.5, detach_weights=True),
     ),
     "supcon": (
         lambda b, c: SupConLoss(temperature=0.2, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_supcon(x, y, rx, ry, tau=0.2),
+        lambda x, y, rx, ry: supcon_reference(x, y, rx, ry, temperature=0.2),
     ),
     "ntxent": (
         lambda b, c: NTXentLoss(temperature=0.5, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_schane(x, y, rx, ry, beta=0.0, mode="each"),
+        lambda x, y, rx, ry: ntxent_reference(x, y, rx, ry),
     ),
     "hcl_b1": (
         lambda b, c: HardNegativeNTXentLoss(temperature=0.5, beta=1.0, tau_plus=0.1, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_hcl(x, y, rx, ry, beta=1.0, tau_plus=0.1),
+        lambda x, y, rx, ry: hard_negative_ntxent_reference(x, y, rx, ry, beta=1.0, tau_plus=0.1),
     ),
     "hcl_b2": (
         lambda b, c: HardNegativeNTXentLoss(temperature=0.5, beta=2.0, tau_plus=0.3, backend=b, chunk_size=c),
-        lambda x, y, rx, ry: ref_hcl(x, y, rx, ry, beta=2.0, tau_plus=0.3),
+        lambda x, y, rx, ry: hard_negative_ntxent_reference(x, y, rx, ry, beta=2.0, tau_plus=0.3),
     ),
 }
 
@@ -95,13 +101,13 @@ def test_backend_label_patterns(backend, pattern):
     for mode in ("mean", "each"):
         _check(
             lambda a, m=mode: schane_loss(a, y, positive_mode=m, backend=backend),
-            lambda a, m=mode: ref_schane(a, y, mode=m),
+            lambda a, m=mode: schane_reference(a, y, positive_mode=m),
             x,
         )
     _check(
-        lambda a: SupConLoss(temperature=0.2, backend=backend)(a, y), lambda a: ref_supcon(a, y, tau=0.2), x
+        lambda a: SupConLoss(temperature=0.2, backend=backend)(a, y), lambda a: supcon_reference(a, y, temperature=0.2), x
     )
-    _check(lambda a: hard_negative_ntxent_loss(a, y, backend=backend), lambda a: ref_hcl(a, y), x)
+    _check(lambda a: hard_negative_ntxent_loss(a, y, backend=backend), lambda a: hard_negative_ntxent_reference(a, y), x)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,7 +187,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     y = PATTERNS["random"]
     x = _emb(len(y), seed=37)
     with caplog.at_level(logging.WARNING, logger="schane.losses._blockops"):
-        _check(lambda a: schane_loss(a, y, backend="compile"), lambda a: ref_schane(a, y), x)
+        _check(lambda a: schane_loss(a, y, backend="compile"), lambda a: schane_reference(a, y), x)
     assert "torch.compile of the contrastive-loss block kernels failed" in caplog.text
     assert "no C++ compiler found" in caplog.text
     assert blockops.get_ops("compile")._ok[("cpu", torch.float64)] is False
@@ -217,7 +223,7 @@ def test_positions_kept_or_recomputed_for_backward(monkeypatch, ratio):
         seen.clear()
         _check(
             lambda a, b, c=chunk: schane_loss(a, y, b, ry, chunk_size=c),
-            lambda a, b: ref_schane(a, y, b, ry),
+            lambda a, b: schane_reference(a, y, b, ry),
             x,
             r,
         )

@@ -1,4 +1,5 @@
-"""Contrastive losses against naive float64 loop references written from the formulas."""
+"""Contrastive losses against the float64 formulas of :mod:`schane.losses.reference`, whose own values are
+checked by hand on tiny cases."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ from schane.losses import (
     ntxent_loss,
     schane_loss,
     supcon_loss,
+)
+from schane.losses.reference import (
+    hard_negative_ntxent_reference,
+    joint_reference,
+    ntxent_reference,
+    schane_reference,
+    supcon_reference,
 )
 
 D = 6
@@ -44,79 +52,6 @@ def _emb(n: int, seed: int = 0, d: int = D) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _prep(x, y, rx, ry, normalize):
-    z = F.normalize(x, dim=1) if normalize else x
-    if rx is None:
-        return z, z, y
-    rz = F.normalize(rx, dim=1) if normalize else rx
-    return z, torch.cat([z, rz]), torch.cat([y, ry])
-
-
-def ref_schane(x, y, rx=None, ry=None, tau=0.5, beta=1.0, mode="mean", normalize=True, detach=False):
-    """Loop over anchors: select positives/negatives, weights, sum (no log-space tricks)."""
-    z, c, yc = _prep(x, y, rx, ry, normalize)
-    losses = []
-    for i in range(z.shape[0]):
-        pos = [j for j in range(c.shape[0]) if j != i and yc[j] == y[i]]
-        neg = [k for k in range(c.shape[0]) if yc[k] != y[i]]
-        if not pos:
-            continue
-        ng = x.new_zeros(())
-        if neg:
-            sn = torch.stack([z[i] @ c[k] / tau for k in neg])
-            w = torch.exp(beta * sn) / torch.exp(beta * sn).mean()
-            if detach:
-                w = w.detach()
-            for t in range(len(neg)):
-                ng = ng + w[t] * torch.exp(sn[t])
-        ep = torch.stack([torch.exp(z[i] @ c[p] / tau) for p in pos])
-        if mode == "mean":
-            pos_i = ep.mean()
-            losses.append(-torch.log(pos_i / (pos_i + ng)))
-        else:
-            losses.append(torch.stack([-torch.log(e / (e + ng)) for e in ep]).mean())
-    return torch.stack(losses).mean() if losses else x.sum() * 0
-
-
-def ref_supcon(x, y, rx=None, ry=None, tau=0.1, normalize=True):
-    z, c, yc = _prep(x, y, rx, ry, normalize)
-    losses = []
-    for i in range(z.shape[0]):
-        others = [a for a in range(c.shape[0]) if a != i]
-        pos = [j for j in others if yc[j] == y[i]]
-        if not pos:
-            continue
-        den = sum(torch.exp(z[i] @ c[a] / tau) for a in others)
-        losses.append(-sum(torch.log(torch.exp(z[i] @ c[p] / tau) / den) for p in pos) / len(pos))
-    return torch.stack(losses).mean() if losses else x.sum() * 0
-
-
-def ref_hcl(x, y, rx=None, ry=None, tau=0.5, beta=1.0, tau_plus=0.1):
-    """Robinson et al.: Ng = max((-tau+ N pos + reweighted neg) / (1 - tau+), N e^{-1/tau}), per positive pair."""
-    z, c, yc = _prep(x, y, rx, ry, True)
-    losses = []
-    for i in range(z.shape[0]):
-        pos = [j for j in range(c.shape[0]) if j != i and yc[j] == y[i]]
-        neg = [k for k in range(c.shape[0]) if yc[k] != y[i]]
-        if not pos:
-            continue
-        terms = []
-        for p in pos:
-            e_p = torch.exp(z[i] @ c[p] / tau)
-            if neg:
-                e_n = torch.stack([torch.exp(z[i] @ c[k] / tau) for k in neg])
-                imp = e_n**beta
-                reweight = (imp * e_n).sum() / imp.mean()
-                n = len(neg)
-                ng = (-tau_plus * n * e_p + reweight) / (1 - tau_plus)
-                ng = torch.clamp(ng, min=n * math.exp(-1 / tau))
-            else:
-                ng = x.new_zeros(())
-            terms.append(-torch.log(e_p / (e_p + ng)))
-        losses.append(torch.stack(terms).mean())
-    return torch.stack(losses).mean() if losses else x.sum() * 0
-
-
 def _check(fast, ref, x, *extra, atol=1e-10):
     xs = [x.clone().requires_grad_(), *[e.clone().requires_grad_() for e in extra]]
     vf = fast(*xs)
@@ -130,6 +65,120 @@ def _check(fast, ref, x, *extra, atol=1e-10):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-8)
 
 
+# ---------------------------------------------------------------- the oracle itself, on cases worked by hand
+E = math.e
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_reference_by_hand_three_positives_one_negative():
+    # normalised: z = (1,0), (1,0), (0,1), (-1,0); tau = 1. Anchor 0 (and 1): positives s = 1, 0, negative s = -1;
+    # anchor 2: positives s = 0, 0, negative s = 0; anchor 3 has no positive. One negative: its weight is 1.
+    x, y = _t([[2, 0], [3, 0], [0, 0.5], [-1, 0]]), torch.tensor([0, 0, 0, 1])
+    mean_01 = math.log(1 + (1 / E) / ((E + 1) / 2))
+    each_01 = (math.log(1 + 1 / E**2) + math.log(1 + 1 / E)) / 2
+    for beta in (0.0, 2.0):
+        got = schane_reference(x, y, temperature=1.0, beta=beta)
+        assert got.item() == pytest.approx((2 * mean_01 + math.log(2)) / 3, rel=1e-12)
+        got = schane_reference(x, y, temperature=1.0, beta=beta, positive_mode="each")
+        assert got.item() == pytest.approx((2 * each_01 + math.log(2)) / 3, rel=1e-12)
+    supcon_01 = -(math.log(E / (E + 1 + 1 / E)) + math.log(1 / (E + 1 + 1 / E))) / 2
+    supcon_2 = -math.log(1 / 3)
+    got = supcon_reference(x, y, temperature=1.0)
+    assert got.item() == pytest.approx((2 * supcon_01 + supcon_2) / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.5])
+def test_reference_by_hand_hard_negative_weights(beta):
+    # z = (1,0), (1,0), (-1,0), (0,1), normalize=False, tau = 1: anchors 0 and 1 have the positive s = 1 and the
+    # negatives s = -1, 0 with weights e^{beta s} / ((e^{-beta} + 1) / 2); anchors 2 and 3 have no positive.
+    x, y = _t([[1, 0], [1, 0], [-1, 0], [0, 1]]), torch.tensor([0, 0, 1, 2])
+    ng = 2 * (math.exp(-(1 + beta)) + 1) / (math.exp(-beta) + 1)
+    for mode in ("mean", "each"):  # one positive: both forms agree
+        got = schane_reference(x, y, temperature=1.0, beta=beta, positive_mode=mode, normalize=False)
+        assert got.item() == pytest.approx(math.log(1 + ng / E), rel=1e-12)
+    if beta == 0.0:
+        assert ng == pytest.approx(1 / E + 1)
+    for tau_plus in (0.0, 0.1, 0.5):
+        debiased = (ng - tau_plus * 2 * E) / (1 - tau_plus)
+        ng_p = max(debiased, 2 * math.exp(-1.0))  # tau_plus = 0.5 with beta >= 1 hits the clamp
+        got = hard_negative_ntxent_reference(x, y, temperature=1.0, beta=beta, tau_plus=tau_plus, normalize=False)
+        assert got.item() == pytest.approx(math.log(1 + ng_p / E), rel=1e-12)
+    assert ntxent_reference(x, y, temperature=1.0).item() == pytest.approx(math.log(1 + (1 / E + 1) / E), rel=1e-12)
+    assert supcon_reference(x, y, temperature=1.0).item() == pytest.approx(math.log(1 + 1 / E**2 + 1 / E), rel=1e-12)
+
+
+def test_reference_by_hand_clamp_and_two_view_ids():
+    # ids None = [0, 1, 0, 1]; z = (1,0), (0,1), (1,0), (0,1), tau = 0.5: every anchor has its positive at s = 2
+    # and two negatives at s = 0, so Ng = 2 for any beta; tau_plus = 0.9 pushes the debiased sum below the clamp.
+    x = _t([[1, 0], [0, 1], [1, 0], [0, 1]])
+    assert ntxent_reference(x, temperature=0.5).item() == pytest.approx(math.log(1 + 2 / E**2), rel=1e-12)
+    got = hard_negative_ntxent_reference(x, temperature=0.5, beta=1.0, tau_plus=0.9)
+    assert (2 - 0.9 * 2 * E**2) / 0.1 < 2 * math.exp(-2.0)
+    assert got.item() == pytest.approx(math.log(1 + 2 * math.exp(-2.0) / E**2), rel=1e-12)
+    with pytest.raises(ValueError, match="odd"):
+        ntxent_reference(x[:3])
+
+
+def test_reference_by_hand_reference_rows_are_contrast_only():
+    # anchors (1,0) label 0 and (0,1) label 1; reference rows (3,0) label 0 and (0,2) label 5; tau = 0.5.
+    # Anchor 0: positive = reference row 0 (s = 2), negatives anchor 1 and reference row 1 (s = 0, 0): Ng = 2.
+    # Anchor 1 has no positive, and the reference rows are never anchors (reference row 0 would have one).
+    x, y = _t([[1, 0], [0, 1]]), torch.tensor([0, 1])
+    r, ry = _t([[3, 0], [0, 2]]), torch.tensor([0, 5])
+    for beta in (0.0, 1.0):
+        got = schane_reference(x, y, r, ry, temperature=0.5, beta=beta)
+        assert got.item() == pytest.approx(math.log(1 + 2 / E**2), rel=1e-12)
+    got = supcon_reference(x, y, r, ry, temperature=0.5)
+    assert got.item() == pytest.approx(math.log(1 + 2 / E**2), rel=1e-12)
+
+
+def test_reference_by_hand_zero_row_and_no_positive():
+    # row 0 is all zeros: the zero vector, similarity 0 to all; z2 = (1, 1) / sqrt(2); tau = 1, beta = 0.
+    # Anchor 0: positive s = 0, negative s = 0 -> log 2. Anchor 1: positive s = 0, negative s = 1/sqrt(2).
+    x, y = _t([[0, 0], [1, 0], [3, 3]]).requires_grad_(), torch.tensor([0, 0, 1])
+    v = schane_reference(x, y, temperature=1.0, beta=0.0)
+    assert v.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(0.5**0.5))) / 2, rel=1e-12)
+    v.backward()
+    assert torch.equal(x.grad[0], torch.zeros(2, dtype=torch.float64)) and x.grad[1:].abs().sum() > 0
+    for ref in (schane_reference, supcon_reference, ntxent_reference, hard_negative_ntxent_reference):
+        xd = x.detach().clone().requires_grad_()
+        v = ref(xd, torch.arange(3))
+        assert v.item() == 0.0 and v.requires_grad
+        v.backward()
+        assert torch.equal(xd.grad, torch.zeros_like(xd))
+
+
+def test_reference_detached_weights_change_the_gradient_only():
+    y = PATTERNS["multi_view"]
+    x = _emb(len(y), seed=14)
+    grads = []
+    for detach in (False, True):
+        xd = x.clone().requires_grad_()
+        v = schane_reference(xd, y, beta=2.0, detach_weights=detach)
+        v.backward()
+        grads.append((v.detach(), xd.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert not torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_reference_joint_by_hand():
+    logits, y = _t([[1, 0]]), torch.tensor([0])
+    ce = math.log(1 + 1 / E)  # -log softmax(logits)_0
+    con = torch.tensor(2.0, dtype=torch.float64)
+    assert joint_reference(logits, y, con, lam=0.9).item() == pytest.approx(0.9 * 2 + 0.1 * ce, rel=1e-12)
+    # eps = 0.2 over C = 2: targets (0.9, 0.1), and -log softmax(logits)_1 = 1 + ce
+    got = joint_reference(logits, y, con, lam=0.9, label_smoothing=0.2)
+    assert got.item() == pytest.approx(0.9 * 2 + 0.1 * (0.9 * ce + 0.1 * (1 + ce)), rel=1e-12)
+    assert joint_reference(_t([[float("nan"), 0]]), y, con, lam=1.0).item() == 2.0  # lam = 1: no CE at all
+    assert joint_reference(logits, y, None, lam=0.9).item() == pytest.approx(ce, rel=1e-12)
+
+
+# ---------------------------------------------------------------- the fast losses against the oracle
+
+
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("mode", ["mean", "each"])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.5])
@@ -137,7 +186,7 @@ def test_schane_matches_loop_reference(pattern, mode, beta):
     y = PATTERNS[pattern]
     x = _emb(len(y), seed=len(pattern))
     loss = SCHaNeLoss(temperature=0.5, beta=beta, positive_mode=mode)
-    _check(lambda a: loss(a, y), lambda a: ref_schane(a, y, beta=beta, mode=mode), x)
+    _check(lambda a: loss(a, y), lambda a: schane_reference(a, y, beta=beta, positive_mode=mode), x)
 
 
 @pytest.mark.parametrize("pattern", ["random", "multi_view"])
@@ -146,12 +195,12 @@ def test_schane_detach_weights_and_no_normalize(pattern):
     x = _emb(len(y), seed=3) * 0.4
     _check(
         lambda a: schane_loss(a, y, temperature=0.3, beta=1.5, detach_weights=True),
-        lambda a: ref_schane(a, y, tau=0.3, beta=1.5, detach=True),
+        lambda a: schane_reference(a, y, temperature=0.3, beta=1.5, detach_weights=True),
         x,
     )
     _check(
         lambda a: schane_loss(a, y, temperature=0.7, normalize=False, positive_mode="each"),
-        lambda a: ref_schane(a, y, tau=0.7, mode="each", normalize=False),
+        lambda a: schane_reference(a, y, temperature=0.7, positive_mode="each", normalize=False),
         x,
     )
 
@@ -160,7 +209,7 @@ def test_schane_detach_weights_and_no_normalize(pattern):
 def test_supcon_matches_loop_reference(pattern):
     y = PATTERNS[pattern]
     x = _emb(len(y), seed=5)
-    _check(lambda a: SupConLoss(temperature=0.2)(a, y), lambda a: ref_supcon(a, y, tau=0.2), x)
+    _check(lambda a: SupConLoss(temperature=0.2)(a, y), lambda a: supcon_reference(a, y, temperature=0.2), x)
 
 
 @pytest.mark.parametrize("pattern", ["all_distinct", "unbalanced", "multi_view", "random", "two_views"])
@@ -178,10 +227,24 @@ def test_supcon_matches_pytorch_metric_learning(pattern, tau):
 def test_ntxent_and_hcl_match_loop_reference(pattern):
     y = PATTERNS[pattern]
     x = _emb(len(y), seed=11)
-    _check(lambda a: NTXentLoss(temperature=0.5)(a, y), lambda a: ref_schane(a, y, beta=0.0, mode="each"), x)
+    _check(lambda a: NTXentLoss(temperature=0.5)(a, y), lambda a: ntxent_reference(a, y), x)
     for beta, tp in [(0.0, 0.0), (1.0, 0.0), (1.0, 0.1), (2.0, 0.3)]:
         hcl = HardNegativeNTXentLoss(temperature=0.5, beta=beta, tau_plus=tp)
-        _check(lambda a, h=hcl: h(a, y), lambda a, b=beta, t=tp: ref_hcl(a, y, beta=b, tau_plus=t), x)
+        _check(lambda a, h=hcl: h(a, y), lambda a, b=beta, t=tp: hard_negative_ntxent_reference(a, y, beta=b, tau_plus=t), x)
+
+
+@pytest.mark.parametrize("pattern", ["multi_view", "random"])
+def test_unnormalised_losses_match_reference(pattern):
+    y = PATTERNS[pattern]
+    x = _emb(len(y), seed=15) * 0.6
+    kw = {"temperature": 2.0, "normalize": False}
+    _check(lambda a: supcon_loss(a, y, **kw), lambda a: supcon_reference(a, y, **kw), x)
+    _check(lambda a: ntxent_loss(a, y, **kw), lambda a: ntxent_reference(a, y, **kw), x)
+    _check(
+        lambda a: hard_negative_ntxent_loss(a, y, beta=1.5, tau_plus=0.2, **kw),
+        lambda a: hard_negative_ntxent_reference(a, y, beta=1.5, tau_plus=0.2, **kw),
+        x,
+    )
 
 
 def test_hcl_clamp_is_active_at_high_tau_plus():
@@ -190,7 +253,7 @@ def test_hcl_clamp_is_active_at_high_tau_plus():
     x[4:] = x[:4] + 0.01 * _emb(4, seed=3)  # very similar positives: debiased sum goes negative -> clamp
     _check(
         lambda a: hard_negative_ntxent_loss(a, y, tau_plus=0.9, temperature=0.2),
-        lambda a: ref_hcl(a, y, tau=0.2, tau_plus=0.9),
+        lambda a: hard_negative_ntxent_reference(a, y, temperature=0.2, tau_plus=0.9),
         x,
     )
 
@@ -199,15 +262,15 @@ def test_ref_embeddings_extend_contrast_set():
     y = torch.tensor([0, 1, 2, 0, 1, 3])
     ry = torch.tensor([3, 3, 2, 4, 0])
     x, r = _emb(6, seed=1), _emb(5, seed=2)
-    _check(lambda a, b: schane_loss(a, y, b, ry), lambda a, b: ref_schane(a, y, b, ry), x, r)
+    _check(lambda a, b: schane_loss(a, y, b, ry), lambda a, b: schane_reference(a, y, b, ry), x, r)
     _check(
         lambda a, b: schane_loss(a, y, b, ry, positive_mode="each", beta=2.0),
-        lambda a, b: ref_schane(a, y, b, ry, mode="each", beta=2.0),
+        lambda a, b: schane_reference(a, y, b, ry, positive_mode="each", beta=2.0),
         x,
         r,
     )
-    _check(lambda a, b: supcon_loss(a, y, b, ry), lambda a, b: ref_supcon(a, y, b, ry), x, r)
-    _check(lambda a, b: hard_negative_ntxent_loss(a, y, b, ry), lambda a, b: ref_hcl(a, y, b, ry), x, r)
+    _check(lambda a, b: supcon_loss(a, y, b, ry), lambda a, b: supcon_reference(a, y, b, ry), x, r)
+    _check(lambda a, b: hard_negative_ntxent_loss(a, y, b, ry), lambda a, b: hard_negative_ntxent_reference(a, y, b, ry), x, r)
     # an empty reference set changes nothing
     empty = torch.zeros(0, D, dtype=torch.float64)
     torch.testing.assert_close(schane_loss(x, y, empty, ry[:0]), schane_loss(x, y))
@@ -308,7 +371,7 @@ def test_single_class_schane_is_zero_and_anchor_without_negatives():
     assert schane_loss(x, torch.zeros(6, dtype=torch.long)).item() == 0.0  # Ng = 0 -> -log(1)
     _check(
         lambda a: schane_loss(a, torch.tensor([0, 0, 0, 1])),
-        lambda a: ref_schane(a, torch.tensor([0, 0, 0, 1])),
+        lambda a: schane_reference(a, torch.tensor([0, 0, 0, 1])),
         _emb(4, seed=6),
     )
 
@@ -437,6 +500,15 @@ def test_joint_loss_components():
     torch.testing.assert_close(sim.contrastive, ntxent_loss(z, ids))
 
 
+@pytest.mark.parametrize("lam, smoothing", [(0.9, 0.0), (0.9, 0.1), (0.0, 0.2), (1.0, 0.0)])
+def test_joint_loss_matches_reference(lam, smoothing):
+    logits, z = _emb(8, seed=1, d=3), _emb(8, seed=2)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    out = JointLoss(SCHaNeLoss(), lam=lam, label_smoothing=smoothing)(logits, y, z)
+    want = joint_reference(logits, y, schane_reference(z, y), lam=lam, label_smoothing=smoothing)
+    torch.testing.assert_close(out.total.double(), want, atol=1e-6, rtol=1e-6)  # CE runs in float32
+
+
 @pytest.mark.parametrize("scale", [1e19, 1e30, 1e37])
 def test_huge_finite_norms_match_float64_reference(scale):
     # float32 rows with norms whose squares overflow: scaled by their max-abs before the norm,
@@ -445,11 +517,11 @@ def test_huge_finite_norms_match_float64_reference(scale):
     x = _emb(len(y), seed=5, d=32)
     big = (x * scale).float()
     v = schane_loss(big.requires_grad_(), y)
-    want = ref_schane(big.detach().double(), y)
+    want = schane_reference(big.detach().double(), y)
     assert math.isfinite(v.item())
     torch.testing.assert_close(v.double(), want, atol=1e-5, rtol=1e-5)
     v.backward()
     assert torch.isfinite(big.grad).all()
     xd = big.detach().double().requires_grad_()
-    ref_schane(xd, y).backward()
+    schane_reference(xd, y).backward()
     torch.testing.assert_close(big.grad.double() * scale, xd.grad * scale, atol=1e-5, rtol=1e-4)

@@ -6,6 +6,10 @@ with float32 (or float64) similarities whatever the input dtype, and supports ``
 ``chunk_size``. The dense per-block work runs eagerly or, with ``backend="compile"`` (or the environment variable
 ``SCHANE_LOSS_BACKEND=compile``), through ``torch.compile``.
 
+Every loss is a :class:`PairwiseContrastiveLoss` (``base.py``: the shared settings and ``forward`` plumbing)
+with a functional form. :mod:`schane.losses.reference` states each loss as its plain float64 formula (the
+tests' oracle); it is not imported here, so importing the losses does not load it.
+
 Example:
     >>> import torch
     >>> from schane.losses import build_contrastive_loss
@@ -15,9 +19,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ._validation import check_positive_mode
+from .base import PairwiseContrastiveLoss
 from .joint import JointLoss, JointLossOutput
 from .ntxent import HardNegativeNTXentLoss, NTXentLoss, hard_negative_ntxent_loss, ntxent_loss, two_view_ids
 from .schane import SCHaNeLoss, schane_loss
@@ -59,7 +66,7 @@ def build_contrastive_loss(
     Raises:
         ValueError: on an unknown name or bad hyper-parameters.
     """
-    common = {
+    common: dict[str, Any] = {
         "normalize": normalize,
         "gather_distributed": gather_distributed,
         "chunk_size": chunk_size,
@@ -89,6 +96,7 @@ __all__ = [
     "JointLoss",
     "JointLossOutput",
     "NTXentLoss",
+    "PairwiseContrastiveLoss",
     "SCHaNeLoss",
     "SupConLoss",
     "build_contrastive_loss",

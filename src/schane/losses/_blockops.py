@@ -2,6 +2,8 @@
 
 Each operation reads one ``[n, M]`` similarity block and either reduces it to per-row statistics over a subset
 of its columns (forward) or overwrites it with a gradient block (backward).
+The sums they compute are those of :mod:`schane.losses.reference` (over ``N(i)`` or over ``a != i``), in log
+space; the row kernels of :mod:`._kernels` combine them into each loss.
 
 * Eager forms exclude columns by writing a large finite negative *sentinel* into them with one sparse scatter
   (``exp`` maps it to 0, and a row without any included column never gives ``inf - inf``), then work in place:
@@ -232,7 +234,7 @@ class _CompiledOps(BlockOps):
     """Compiled block operations; each device type and dtype is probed once and falls back to eager on failure."""
 
     name = "compile"
-    _FNS = {
+    _FNS: dict[str, Callable[..., Any]] = {
         "neg_lse": _c_neg_lse,
         "neg_lse_pair": _c_neg_lse_pair,
         "others_lse": _c_others_lse,
@@ -242,7 +244,7 @@ class _CompiledOps(BlockOps):
     }
 
     def __init__(self) -> None:
-        self._compiled: dict[str, Callable] = {}
+        self._compiled: dict[str, Callable[..., Any]] = {}
         self._ok: dict[tuple[str, torch.dtype], bool] = {}
 
     def _run(self, name: str, s: torch.Tensor, *args: Any) -> Any:
@@ -316,8 +318,9 @@ class _CompiledOps(BlockOps):
             v = torch.randn(3, device=device, dtype=dtype)
             lab = torch.arange(5, device=device)
             has = torch.ones(3, dtype=torch.bool, device=device)
-            self.neg_lse(s, lab[:3], lab, has, None)
-            self.neg_lse_pair(s, lab[:3], lab, has, None, 1.0)
+            same_idx = lab[:3, None]  # each probe row's own column (what the eager fallback would read)
+            self.neg_lse(s, lab[:3], lab, has, same_idx)
+            self.neg_lse_pair(s, lab[:3], lab, has, same_idx, 1.0)
             self.others_lse(s, lab[:3, None], has)
             self.exp_shift_(s.clone(), v, 2.0, v)
             self.quadratic_(s.clone(), v, v, v)

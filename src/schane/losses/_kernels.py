@@ -18,6 +18,9 @@ Log-space identities (``LSE`` = log-sum-exp over the negatives ``N(i)``):
 Gradients are returned as ``(H, sign)`` with ``dloss/ds = sign * H`` for a nonnegative per-row upstream
 weight ``g`` (the engine applies ``sign`` to the products with ``H``); row factors are folded into the exponent
 shifts (``c e^x = e^{x + log c}``) so that no extra pass over the block is needed.
+
+Each kernel computes, in this log-space form, the loss that :mod:`schane.losses.reference` writes as a plain
+float64 loop; the tests hold every kernel (value and gradient) to that reference.
 """
 
 from __future__ import annotations
@@ -95,7 +98,10 @@ class NegStats:
 
 
 def neg_stats(ops: BlockOps, blk: Block, beta: float) -> NegStats:
-    """Negative statistics of a block (may destroy ``blk.s``)."""
+    """Negative statistics of a block (may destroy ``blk.s``).
+
+    ``log_ng`` is ``log Ng_i`` in the notation of :mod:`schane.losses.reference`.
+    """
     has = blk.n_neg > 0
     log_n = torch.log(blk.n_neg.to(blk.s.dtype).clamp(min=1))
     if beta == 0.0:
@@ -159,7 +165,11 @@ class RowKernel:
 
 
 class SCHaNeKernel(RowKernel):
-    """SCHaNe: ``-log(pos_i / (pos_i + sum_k w_ik e^{s_ik}))`` with ``w`` the hard-negative weights."""
+    """SCHaNe: ``-log(pos_i / (pos_i + sum_k w_ik e^{s_ik}))`` with ``w`` the hard-negative weights.
+
+    Plain form: :func:`schane.losses.reference.schane_reference` (NT-Xent is this kernel with ``beta = 0`` and
+    ``"each"``: :func:`schane.losses.reference.ntxent_reference`).
+    """
 
     n_stats = NegStats.N_ROWS + 2
 
@@ -201,7 +211,10 @@ class SCHaNeKernel(RowKernel):
 
 
 class SupConKernel(RowKernel):
-    """SupCon L_out: ``-mean_p log(e^{s_ip} / sum_{a != i} e^{s_ia})``."""
+    """SupCon L_out: ``-mean_p log(e^{s_ip} / sum_{a != i} e^{s_ia})``.
+
+    Plain form: :func:`schane.losses.reference.supcon_reference`.
+    """
 
     n_stats = 2
 
@@ -223,6 +236,8 @@ class HardNegativeKernel(RowKernel):
 
     ``Ng_ip = max((sum_k w_ik e^{s_ik} - tau_plus |N(i)| e^{s_ip}) / (1 - tau_plus), |N(i)| e^{-1/tau})`` and
     ``loss_i = mean_p -log(e^{s_ip} / (e^{s_ip} + Ng_ip))``.
+
+    Plain form: :func:`schane.losses.reference.hard_negative_ntxent_reference`.
     """
 
     n_stats = NegStats.N_ROWS

@@ -5,27 +5,28 @@ contrast set) and the positions of each anchor's same-label columns, it returns 
 backward, ``dloss/ds``. The autograd function :class:`_ContrastFn` walks over anchor rows in chunks, holds only
 per-row statistics between forward and backward, and recomputes each similarity block in backward, so at most
 one ``[chunk, M]`` block (reused by every chunk) is alive at a time. With ``chunk_size=None`` the block is the
-whole ``[N, M]`` matrix.
+whole ``[N, M]`` matrix. :func:`evaluate_rows` is its entry point; the inputs reach it checked, normalised and
+gathered by :class:`schane.losses.base.PairwiseContrastiveLoss`. Every result equals the plain float64 formula
+of :mod:`schane.losses.reference` for the loss whose kernel runs.
 
 Labels are compared once per call, not per block entry: the contrast labels are sorted, and each anchor's
 same-label columns are a contiguous run of that order (found with ``searchsorted``). Counts of positives and
 negatives follow from the run lengths.
 
 Zero rows: with ``normalize=True`` a row whose norm is at most ``1e-12`` (e.g. all zeros) has no direction; it
-is used as the zero vector (similarity 0 to every sample) and gets an exactly zero gradient.
+is used as the zero vector (similarity 0 to every sample) and gets an exactly zero gradient (:func:`unit_rows`,
+whose plain form is :func:`schane.losses.reference.unit_rows_reference`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ._blockops import BlockOps, get_ops, resolve_backend
-from ._gather import gather_labels, gather_rows, world_info
 from ._kernels import Block, RowKernel
-from ._validation import check_finite, validate_inputs
+from ._validation import check_finite
 
 _NORM_EPS = 1e-12
 # forward keeps each chunk's [n, P] positions for backward when P <= M / this (about 1/7 of a block's bytes)
@@ -237,59 +238,44 @@ class _ContrastFn(torch.autograd.Function):
         return (d_anchor, d_contrast) + (None,) * (4 + len(index_tensors))
 
 
-def contrastive_loss(
-    kernel_factory: Callable[[BlockOps], RowKernel],
-    embeddings: torch.Tensor,
+def evaluate_rows(
+    kernel: RowKernel,
+    anchors: torch.Tensor,
     labels: torch.Tensor,
-    ref_embeddings: torch.Tensor | None,
-    ref_labels: torch.Tensor | None,
-    *,
+    contrast: torch.Tensor,
+    c_labels: torch.Tensor,
+    rank: int,
+    world: int,
     temperature: float,
-    normalize: bool,
-    gather_distributed: bool,
     chunk_size: int | None,
-    backend: str | None = None,
 ) -> torch.Tensor:
-    """Validate, normalise, optionally gather across ranks, and evaluate a row kernel; see the public losses.
+    """Mean of ``kernel``'s per-anchor loss over the anchors with a positive, in row chunks.
 
-    ``kernel_factory(ops)`` builds the :class:`RowKernel` for the block operations of ``backend``.
+    Args:
+        kernel: the loss's :class:`RowKernel`.
+        anchors: ``[n, D]`` this rank's (normalised) embeddings.
+        labels: ``[n]`` their labels (long).
+        contrast: ``[M, D]``: all ranks' anchors (rank ``r``'s at ``r*n:(r+1)*n``), then any reference rows.
+        c_labels: ``[M]`` their labels (long).
+        rank: this rank; world: the number of ranks that contributed to ``contrast`` (1 without gathering).
+        temperature: ``tau``; chunk_size: anchor rows per block, ``None`` = one block.
+
+    Returns:
+        Scalar loss: ``world x`` this rank's share of the mean over all ranks' anchors with a positive (0,
+        connected to the graph, when no anchor has one).
     """
-    validate_inputs(embeddings, labels, ref_embeddings, ref_labels, check_values=not normalize)
-    kernel: RowKernel = kernel_factory(get_ops(resolve_backend(backend)))
-    device = embeddings.device
-    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    labels = labels.to(device=device, dtype=torch.long)
-
-    with torch.autocast(device_type=device.type, enabled=False):
-        z = embeddings.to(dtype)
-        if normalize:
-            z = unit_rows(z)
-        rank, world = world_info() if gather_distributed else (0, 1)
-        n = z.shape[0]
-        if world > 1:
-            z_all = gather_rows(z)
-            y_all = gather_labels(labels)
-        else:
-            z_all, y_all = z, labels
-        parts, label_parts = [z_all], [y_all]
-        if ref_embeddings is not None:
-            r = ref_embeddings.to(device=device, dtype=dtype)
-            parts.append(unit_rows(r, "ref_embeddings") if normalize else r)
-            label_parts.append(ref_labels.to(device=device, dtype=torch.long))
-        contrast = torch.cat(parts) if len(parts) > 1 else z_all
-        c_labels = torch.cat(label_parts) if len(label_parts) > 1 else y_all
-
-        index = LabelIndex(labels, c_labels, torch.arange(n, device=device) + rank * n)
-        n_pos = index.count - 1
-        # The normaliser counts valid anchors over all ranks so the per-rank losses sum to W x the full-batch loss;
-        # DDP averages gradients over W ranks, which gives exactly the full-batch gradient.
-        if world > 1:
-            n_valid = int((_runs(torch.sort(c_labels).values, y_all)[1] > 1).sum())
-        else:
-            n_valid = int((n_pos > 0).sum())
-        scale = world / n_valid if n_valid > 0 else 0.0
-        weights = (n_pos > 0).to(dtype) * scale
-        anchors = None if world == 1 else z  # one process: the anchors are contrast[:n]
-        return _ContrastFn.apply(
-            anchors, contrast, weights, 1.0 / temperature, kernel, chunk_size, *index.tensors()
-        )
+    n = anchors.shape[0]
+    index = LabelIndex(labels, c_labels, torch.arange(n, device=anchors.device) + rank * n)
+    n_pos = index.count - 1
+    # The normaliser counts valid anchors over all ranks so the per-rank losses sum to W x the full-batch loss;
+    # DDP averages gradients over W ranks, which gives exactly the full-batch gradient.
+    if world > 1:
+        n_valid = int((_runs(torch.sort(c_labels).values, c_labels[: world * n])[1] > 1).sum())
+    else:
+        n_valid = int((n_pos > 0).sum())
+    scale = world / n_valid if n_valid > 0 else 0.0
+    weights = (n_pos > 0).to(contrast.dtype) * scale
+    separate = anchors if world > 1 else None  # one process: the anchors are contrast[:n]
+    return _ContrastFn.apply(
+        separate, contrast, weights, 1.0 / temperature, kernel, chunk_size, *index.tensors()
+    )

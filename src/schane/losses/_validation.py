@@ -130,15 +130,16 @@ def validate_inputs(
     if check_values:
         check_finite(embeddings, "embeddings")
     _check_labels(labels, embeddings.shape[0], "labels", "embeddings")
-    if (ref_embeddings is None) != (ref_labels is None):
-        raise ValueError("ref_embeddings and ref_labels must be given together (or both None)")
-    if ref_embeddings is not None:
-        _check_embeddings(ref_embeddings, "ref_embeddings")
-        if ref_embeddings.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_embeddings has D={ref_embeddings.shape[1]} but embeddings has D={embeddings.shape[1]}; "
-                "they must have the same dimension"
-            )
-        if check_values:
-            check_finite(ref_embeddings, "ref_embeddings")
-        _check_labels(ref_labels, ref_embeddings.shape[0], "ref_labels", "ref_embeddings")
+    if ref_embeddings is None or ref_labels is None:
+        if ref_embeddings is not None or ref_labels is not None:
+            raise ValueError("ref_embeddings and ref_labels must be given together (or both None)")
+        return
+    _check_embeddings(ref_embeddings, "ref_embeddings")
+    if ref_embeddings.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"ref_embeddings has D={ref_embeddings.shape[1]} but embeddings has D={embeddings.shape[1]}; "
+            "they must have the same dimension"
+        )
+    if check_values:
+        check_finite(ref_embeddings, "ref_embeddings")
+    _check_labels(ref_labels, ref_embeddings.shape[0], "ref_labels", "ref_embeddings")

@@ -1,5 +1,7 @@
 """Joint objective ``total = lam * contrastive + (1 - lam) * cross_entropy``.
 
+Plain form: :func:`schane.losses.reference.joint_reference`.
+
 Example:
     >>> import torch
     >>> from schane.losses import JointLoss, SCHaNeLoss
@@ -75,38 +77,46 @@ class JointLoss(nn.Module):
             ValueError: on shape mismatches, missing embeddings, or NaN/inf in ``logits`` (when CE is computed,
                 i.e. ``lam < 1``).
         """
-        ce = None
-        con = None
-        if self.lam < 1.0:
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise ValueError(f"logits must be 2-D [N, C], got {getattr(logits, 'shape', type(logits))}")
-            if (
-                not isinstance(labels, torch.Tensor)
-                or labels.dim() != 1
-                or labels.shape[0] != logits.shape[0]
-            ):
-                raise ValueError(
-                    f"labels must be 1-D of length {logits.shape[0]} (rows of logits), "
-                    f"got {getattr(labels, 'shape', type(labels))}"
-                )
-            if logits.is_floating_point() and not bool(torch.isfinite(logits.detach()).all()):
-                raise ValueError(
-                    "logits contain NaN or inf, so the cross-entropy would be NaN; check the model output "
-                    "(e.g. lower the learning rate or use bf16 instead of fp16)"
-                )
-            ce = F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
-        if self.lam > 0.0:
-            if embeddings is None:
-                raise ValueError("embeddings are required when lam > 0 (the contrastive term)")
-            y = labels if contrastive_labels is None else contrastive_labels
-            con = self.contrastive(embeddings, y, ref_embeddings, ref_labels)
-        if ce is None:
-            total = con
-        elif con is None:
-            total = ce
-        else:
-            total = self.lam * con + (1.0 - self.lam) * ce
-        return JointLossOutput(total, con, ce)
+        if self.lam >= 1.0:  # contrastive term only: no CE, so logits are not even checked
+            con = self._contrastive_term(labels, embeddings, contrastive_labels, ref_embeddings, ref_labels)
+            return JointLossOutput(con, con, None)
+        ce = self._cross_entropy(logits, labels)
+        if self.lam <= 0.0:
+            return JointLossOutput(ce, None, ce)
+        con = self._contrastive_term(labels, embeddings, contrastive_labels, ref_embeddings, ref_labels)
+        return JointLossOutput(self.lam * con + (1.0 - self.lam) * ce, con, ce)
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Checked CE of ``logits[N, C]`` (in float32) against ``labels[N]``."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError(f"logits must be 2-D [N, C], got {getattr(logits, 'shape', type(logits))}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels must be 1-D of length {logits.shape[0]} (rows of logits), "
+                f"got {getattr(labels, 'shape', type(labels))}"
+            )
+        if logits.is_floating_point() and not bool(torch.isfinite(logits.detach()).all()):
+            raise ValueError(
+                "logits contain NaN or inf, so the cross-entropy would be NaN; check the model output "
+                "(e.g. lower the learning rate or use bf16 instead of fp16)"
+            )
+        return F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
+
+    def _contrastive_term(
+        self,
+        labels: torch.Tensor,
+        embeddings: torch.Tensor | None,
+        contrastive_labels: torch.Tensor | None,
+        ref_embeddings: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The contrastive loss of ``embeddings`` (with ``contrastive_labels``, else ``labels``)."""
+        if embeddings is None:
+            raise ValueError("embeddings are required when lam > 0 (the contrastive term)")
+        if self.contrastive is None:  # only when lam was set > 0 after construction
+            raise ValueError("this JointLoss has no contrastive loss; lam must be 0")
+        y = labels if contrastive_labels is None else contrastive_labels
+        return self.contrastive(embeddings, y, ref_embeddings, ref_labels)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"

@@ -12,7 +12,8 @@ are all other instances; per positive pair,
   corrects for same-class "negatives"; the clamp is that of the reference implementation).
 
 The loss is the mean over positive pairs of an anchor, then over anchors. All-zero rows are handled as in
-:mod:`schane.losses.schane` (zero vector, zero gradient).
+:mod:`schane.losses.schane` (zero vector, zero gradient). Plain float64 forms:
+:func:`schane.losses.reference.ntxent_reference` and :func:`schane.losses.reference.hard_negative_ntxent_reference`.
 
 Example:
     >>> import torch
@@ -25,11 +26,11 @@ Example:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._kernels import HardNegativeKernel, SCHaNeKernel
-from ._logspace import contrastive_loss
-from ._validation import check_backend, check_beta, check_chunk_size, check_tau_plus, check_temperature
+from ._blockops import BlockOps
+from ._kernels import HardNegativeKernel, RowKernel, SCHaNeKernel
+from ._validation import check_beta, check_tau_plus
+from .base import PairwiseContrastiveLoss
 
 
 def two_view_ids(n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -41,14 +42,6 @@ def two_view_ids(n: int, device: torch.device | None = None) -> torch.Tensor:
     if n % 2:
         raise ValueError(f"labels=None assumes two views concatenated along N, but N={n} is odd; pass ids")
     return torch.arange(n // 2, device=device).repeat(2)
-
-
-def _ids(embeddings: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    if labels is not None:
-        return labels
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        raise ValueError("embeddings must be a 2-D tensor [N, D]")
-    return two_view_ids(embeddings.shape[0], embeddings.device)
 
 
 def ntxent_loss(
@@ -77,18 +70,8 @@ def ntxent_loss(
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
-    return contrastive_loss(
-        lambda ops: SCHaNeKernel(0.0, "each", False, ops),
-        embeddings,
-        _ids(embeddings, labels),
-        ref_embeddings,
-        ref_labels,
-        temperature=check_temperature(temperature),
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-        chunk_size=check_chunk_size(chunk_size),
-        backend=check_backend(backend),
-    )
+    loss = NTXentLoss(temperature, normalize, gather_distributed, chunk_size, backend)
+    return loss.forward(embeddings, labels, ref_embeddings, ref_labels)
 
 
 def hard_negative_ntxent_loss(
@@ -119,56 +102,16 @@ def hard_negative_ntxent_loss(
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
-    t = check_temperature(temperature)
-    b, tp = check_beta(beta), check_tau_plus(tau_plus)
-    return contrastive_loss(
-        lambda ops: HardNegativeKernel(b, tp, t, ops),
-        embeddings,
-        _ids(embeddings, labels),
-        ref_embeddings,
-        ref_labels,
-        temperature=t,
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-        chunk_size=check_chunk_size(chunk_size),
-        backend=check_backend(backend),
+    loss = HardNegativeNTXentLoss(
+        temperature, beta, tau_plus, normalize, gather_distributed, chunk_size, backend
     )
+    return loss.forward(embeddings, labels, ref_embeddings, ref_labels)
 
 
-class NTXentLoss(nn.Module):
-    """SimCLR NT-Xent (the module docstring has the formula).
-
-    Args:
-        temperature: ``tau`` > 0.
-        normalize: L2-normalise embeddings first.
-        gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
-        chunk_size: see :class:`schane.losses.SCHaNeLoss`.
-        backend: see :class:`schane.losses.SCHaNeLoss`.
-
-    Shapes:
-        ``forward(embeddings[N, D], labels[N] | None, ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``;
-        labels are instance ids.
-
-    Raises:
-        ValueError: on ``temperature <= 0``, bad ``chunk_size`` or bad inputs.
-    """
+class _InstanceLoss(PairwiseContrastiveLoss):
+    """Unsupervised: ``labels`` are instance ids, and ``None`` means two views concatenated along N."""
 
     supervised: bool = False
-
-    def __init__(
-        self,
-        temperature: float = 0.5,
-        normalize: bool = True,
-        gather_distributed: bool = False,
-        chunk_size: int | None = None,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.normalize = bool(normalize)
-        self.gather_distributed = bool(gather_distributed)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.backend = check_backend(backend)
 
     def forward(
         self,
@@ -178,20 +121,46 @@ class NTXentLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of ``embeddings[N, D]`` with instance ids ``labels[N]`` (``None`` = two views)."""
-        return ntxent_loss(
-            embeddings,
-            labels,
-            ref_embeddings,
-            ref_labels,
-            temperature=self.temperature,
-            normalize=self.normalize,
-            gather_distributed=self.gather_distributed,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
+        if labels is None:
+            if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+                raise ValueError("embeddings must be a 2-D tensor [N, D]")
+            labels = two_view_ids(embeddings.shape[0], embeddings.device)
+        return super().forward(embeddings, labels, ref_embeddings, ref_labels)
 
 
-class HardNegativeNTXentLoss(nn.Module):
+class NTXentLoss(_InstanceLoss):
+    """SimCLR NT-Xent (the module docstring has the formula).
+
+    Args:
+        temperature: ``tau`` > 0.
+        normalize: L2-normalise embeddings first.
+        gather_distributed: see :class:`PairwiseContrastiveLoss`.
+        chunk_size: see :class:`PairwiseContrastiveLoss`.
+        backend: see :class:`PairwiseContrastiveLoss`.
+
+    Shapes:
+        ``forward(embeddings[N, D], labels[N] | None, ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``;
+        labels are instance ids.
+
+    Raises:
+        ValueError: on ``temperature <= 0``, bad ``chunk_size`` or bad inputs.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        normalize: bool = True,
+        gather_distributed: bool = False,
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(temperature, normalize, gather_distributed, chunk_size, backend)
+
+    def row_kernel(self, ops: BlockOps) -> RowKernel:
+        return SCHaNeKernel(0.0, "each", False, ops)  # SCHaNe "each" with every weight 1
+
+
+class HardNegativeNTXentLoss(_InstanceLoss):
     """Debiased hard-negative NT-Xent of Robinson et al. (2021) (the module docstring has the formula).
 
     Args:
@@ -199,15 +168,13 @@ class HardNegativeNTXentLoss(nn.Module):
         beta: hardness concentration >= 0 (0 = uniform negatives).
         tau_plus: class prior of false negatives in [0, 1) (0 = no debiasing).
         normalize: L2-normalise embeddings first.
-        gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
-        chunk_size: see :class:`schane.losses.SCHaNeLoss`.
-        backend: see :class:`schane.losses.SCHaNeLoss`.
+        gather_distributed: see :class:`PairwiseContrastiveLoss`.
+        chunk_size: see :class:`PairwiseContrastiveLoss`.
+        backend: see :class:`PairwiseContrastiveLoss`.
 
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
-
-    supervised: bool = False
 
     def __init__(
         self,
@@ -219,33 +186,9 @@ class HardNegativeNTXentLoss(nn.Module):
         chunk_size: int | None = None,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
+        super().__init__(temperature, normalize, gather_distributed, chunk_size, backend)
         self.beta = check_beta(beta)
         self.tau_plus = check_tau_plus(tau_plus)
-        self.normalize = bool(normalize)
-        self.gather_distributed = bool(gather_distributed)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.backend = check_backend(backend)
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Loss of ``embeddings[N, D]`` with instance ids ``labels[N]`` (``None`` = two views)."""
-        return hard_negative_ntxent_loss(
-            embeddings,
-            labels,
-            ref_embeddings,
-            ref_labels,
-            temperature=self.temperature,
-            beta=self.beta,
-            tau_plus=self.tau_plus,
-            normalize=self.normalize,
-            gather_distributed=self.gather_distributed,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
+    def row_kernel(self, ops: BlockOps) -> RowKernel:
+        return HardNegativeKernel(self.beta, self.tau_plus, self.temperature, ops)

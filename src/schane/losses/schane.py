@@ -16,6 +16,8 @@ With ``normalize=True`` an all-zero embedding row (norm ``<= 1e-12``) has no dir
 vector (similarity 0 to every other sample) and receives an exactly zero gradient, rather than the ``1e12``-fold
 amplified gradient that ``F.normalize`` would give it.
 
+The same loss as a plain float64 loop over anchors: :func:`schane.losses.reference.schane_reference`.
+
 Example:
     >>> import torch
     >>> from schane.losses import SCHaNeLoss
@@ -29,11 +31,11 @@ Example:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._kernels import SCHaNeKernel
-from ._logspace import contrastive_loss
-from ._validation import check_backend, check_beta, check_chunk_size, check_positive_mode, check_temperature
+from ._blockops import BlockOps
+from ._kernels import RowKernel, SCHaNeKernel
+from ._validation import check_beta, check_positive_mode
+from .base import PairwiseContrastiveLoss
 
 
 def schane_loss(
@@ -65,22 +67,20 @@ def schane_loss(
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
-    b, mode, detach = check_beta(beta), check_positive_mode(positive_mode), bool(detach_weights)
-    return contrastive_loss(
-        lambda ops: SCHaNeKernel(b, mode, detach, ops),
-        embeddings,
-        labels,
-        ref_embeddings,
-        ref_labels,
-        temperature=check_temperature(temperature),
+    loss = SCHaNeLoss(
+        temperature=temperature,
+        beta=beta,
+        positive_mode=positive_mode,
         normalize=normalize,
+        detach_weights=detach_weights,
         gather_distributed=gather_distributed,
-        chunk_size=check_chunk_size(chunk_size),
-        backend=check_backend(backend),
+        chunk_size=chunk_size,
+        backend=backend,
     )
+    return loss.forward(embeddings, labels, ref_embeddings, ref_labels)
 
 
-class SCHaNeLoss(nn.Module):
+class SCHaNeLoss(PairwiseContrastiveLoss):
     """Supervised contrastive loss with hard-negative weighting (the module docstring has the formula).
 
     Args:
@@ -90,14 +90,9 @@ class SCHaNeLoss(nn.Module):
             (one term per positive pair).
         normalize: L2-normalise embeddings (and ``ref_embeddings``) first.
         detach_weights: treat the weights ``w_ik`` as constants in backward.
-        gather_distributed: contrast each rank's anchors with all ranks' embeddings and labels (differentiable
-            all-gather). The returned value is ``world_size x`` this rank's share, so its mean over ranks is the
-            full-batch loss and DDP's gradient averaging yields the full-batch gradient. No-op (one warning)
-            without a process group.
-        chunk_size: evaluate this many anchor rows at a time and recompute them in backward, so the
-            ``[N, M]`` similarity matrix is never held whole; ``None`` = one block.
-        backend: block kernels, ``"eager"`` or ``"compile"`` (``torch.compile``, eager fallback if compilation
-            fails); ``None`` = the environment variable ``SCHANE_LOSS_BACKEND``, else ``"eager"``.
+        gather_distributed: contrast with all ranks' embeddings; see :class:`PairwiseContrastiveLoss`.
+        chunk_size: anchor rows per block, ``None`` = one block; see :class:`PairwiseContrastiveLoss`.
+        backend: block kernels, ``"eager"`` or ``"compile"``; see :class:`PairwiseContrastiveLoss`.
 
     Shapes:
         ``forward(embeddings[N, D], labels[N], ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``.
@@ -111,6 +106,7 @@ class SCHaNeLoss(nn.Module):
     """
 
     supervised: bool = True
+    repr_fields = ("temperature", "beta", "positive_mode", "normalize", "gather_distributed", "chunk_size")
 
     def __init__(
         self,
@@ -123,41 +119,10 @@ class SCHaNeLoss(nn.Module):
         chunk_size: int | None = None,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
+        super().__init__(temperature, normalize, gather_distributed, chunk_size, backend)
         self.beta = check_beta(beta)
         self.positive_mode = check_positive_mode(positive_mode)
-        self.normalize = bool(normalize)
         self.detach_weights = bool(detach_weights)
-        self.gather_distributed = bool(gather_distributed)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.backend = check_backend(backend)
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Loss of ``embeddings[N, D]`` with ``labels[N]``; see the class docstring."""
-        return schane_loss(
-            embeddings,
-            labels,
-            ref_embeddings,
-            ref_labels,
-            temperature=self.temperature,
-            beta=self.beta,
-            positive_mode=self.positive_mode,
-            normalize=self.normalize,
-            detach_weights=self.detach_weights,
-            gather_distributed=self.gather_distributed,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, beta={self.beta}, positive_mode={self.positive_mode!r}, "
-            f"normalize={self.normalize}, gather_distributed={self.gather_distributed}, chunk_size={self.chunk_size}"
-        )
+    def row_kernel(self, ops: BlockOps) -> RowKernel:
+        return SCHaNeKernel(self.beta, self.positive_mode, self.detach_weights, ops)

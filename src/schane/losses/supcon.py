@@ -3,7 +3,8 @@
 ``l_i = -1/|P(i)| sum_{p in P(i)} log(exp(s_ip) / sum_{a != i} exp(s_ia))`` with ``s = z_i . z_j / tau``,
 averaged over anchors that have at least one positive. Agrees with
 ``pytorch_metric_learning.losses.SupConLoss`` whenever the batch has negatives. All-zero rows are handled as in
-:mod:`schane.losses.schane` (zero vector, zero gradient).
+:mod:`schane.losses.schane` (zero vector, zero gradient). Plain float64 form:
+:func:`schane.losses.reference.supcon_reference`.
 
 Example:
     >>> import torch
@@ -16,11 +17,10 @@ Example:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._kernels import SupConKernel
-from ._logspace import contrastive_loss
-from ._validation import check_backend, check_chunk_size, check_temperature
+from ._blockops import BlockOps
+from ._kernels import RowKernel, SupConKernel
+from .base import PairwiseContrastiveLoss
 
 
 def supcon_loss(
@@ -49,29 +49,19 @@ def supcon_loss(
     Raises:
         ValueError: on bad hyper-parameters or inputs.
     """
-    return contrastive_loss(
-        SupConKernel,
-        embeddings,
-        labels,
-        ref_embeddings,
-        ref_labels,
-        temperature=check_temperature(temperature),
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-        chunk_size=check_chunk_size(chunk_size),
-        backend=check_backend(backend),
-    )
+    loss = SupConLoss(temperature, normalize, gather_distributed, chunk_size, backend)
+    return loss.forward(embeddings, labels, ref_embeddings, ref_labels)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(PairwiseContrastiveLoss):
     """SupCon ``L_out`` (the module docstring has the formula).
 
     Args:
         temperature: ``tau`` > 0.
         normalize: L2-normalise embeddings first.
-        gather_distributed: see :class:`schane.losses.SCHaNeLoss`.
-        chunk_size: see :class:`schane.losses.SCHaNeLoss`.
-        backend: see :class:`schane.losses.SCHaNeLoss`.
+        gather_distributed: see :class:`PairwiseContrastiveLoss`.
+        chunk_size: see :class:`PairwiseContrastiveLoss`.
+        backend: see :class:`PairwiseContrastiveLoss`.
 
     Shapes:
         ``forward(embeddings[N, D], labels[N], ref_embeddings[M, D] | None, ref_labels[M] | None) -> []``.
@@ -82,6 +72,7 @@ class SupConLoss(nn.Module):
     """
 
     supervised: bool = True
+    repr_fields = ("temperature", "normalize", "chunk_size")
 
     def __init__(
         self,
@@ -91,32 +82,7 @@ class SupConLoss(nn.Module):
         chunk_size: int | None = None,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.normalize = bool(normalize)
-        self.gather_distributed = bool(gather_distributed)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.backend = check_backend(backend)
+        super().__init__(temperature, normalize, gather_distributed, chunk_size, backend)
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Loss of ``embeddings[N, D]`` with ``labels[N]``."""
-        return supcon_loss(
-            embeddings,
-            labels,
-            ref_embeddings,
-            ref_labels,
-            temperature=self.temperature,
-            normalize=self.normalize,
-            gather_distributed=self.gather_distributed,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, chunk_size={self.chunk_size}"
+    def row_kernel(self, ops: BlockOps) -> RowKernel:
+        return SupConKernel(ops)

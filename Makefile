@@ -1,4 +1,4 @@
-# schane: `make demo` runs the main job, `make test` runs the test suite.
+# schane: `make demo` runs the main job, `make test` runs ruff, mypy and the test suite.
 # Both create .venv on first use (and refresh it when pyproject.toml changes).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -28,11 +28,15 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	$(VENV)/bin/schane demo --ablation
 
+# lint and types first (seconds), then the tests
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_speed.py

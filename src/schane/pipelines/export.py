@@ -37,7 +37,6 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,47 +49,26 @@ from schane.models.backbones import Beit3Backbone, is_beit3
 from schane.models.hf import is_hf
 from schane.models.model import SCHaNeModel
 from schane.models.weights import EFFNET_LITE0_OFFLINE, EFFNET_LITE0_TIMM_NAME
+from schane.pipelines.export_files import (
+    CARD_FILE,
+    CONFIG_FILE,
+    HEADS_FILE,
+    MODEL_FILE,
+    ExportResult,
+    export_preprocessing,
+    heads_tensors,
+    save_safetensors,
+)
+from schane.pipelines.export_hf import export_hf
 from schane.pipelines.runs import load_for_evaluation
-from schane.pipelines.splits import preprocessing_for
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "schane-export"
 EXPORT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-HEADS_FILE = "heads.safetensors"
-CONFIG_FILE = "config.json"
-CARD_FILE = "README.md"
 # The text branch of BEiT-3, dropped by schane's vision-only backbone: the keys a torchscale BEiT3 module
 # misses when it loads the file (everything else must load).
 BEIT3_TEXT_KEYS = ("text_embed.", ".B.", "encoder.embed_positions.B.")
-
-
-@dataclass
-class ExportResult:
-    """What :func:`export_checkpoint` wrote.
-
-    Attributes:
-        out_dir: the export folder.
-        files: the files written, in order.
-        kind: ``"timm"``, ``"beit3"`` or ``"hf"`` (transformers, :mod:`schane.pipelines.export_hf`).
-        weights: ``"ema"`` or ``"model"``: which of the checkpoint's weights were exported.
-        num_classes: the classifier's width.
-        class_names: the classes in label order, or ``None`` when the checkpoint stores none.
-        classifier_key: where the classifier is in ``model.safetensors`` (``None``: not there).
-        max_abs_diff: the largest difference between the reloaded export's outputs and schane's.
-        snippet: Python code that loads the export.
-    """
-
-    out_dir: Path
-    files: list[Path]
-    kind: str
-    weights: str
-    num_classes: int
-    class_names: list[str] | None
-    classifier_key: str | None
-    max_abs_diff: float
-    snippet: str
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, heads: bool = False,
@@ -202,8 +180,6 @@ def _export_into(out: Path, final: Path, path: str | Path, loaded: Any, heads: b
                          f"{loaded.num_classes} classes; it is corrupt")
 
     if is_hf(cfg.model.backbone):  # save_pretrained layout: schane.pipelines.export_hf
-        from schane.pipelines.export_hf import export_hf  # import cycle: export_hf builds on this module
-
         return export_hf(loaded, state, path, out, which=which, heads=heads)
     kind = "beit3" if is_beit3(cfg.model.backbone) else "timm"
     if kind == "beit3":
@@ -240,20 +216,6 @@ def _create(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the export folder {out} ({e.strerror or e}); pass a folder you can write") from None
-
-
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    from safetensors.torch import save_file
-
-    # safetensors refuses shared or strided storage: give every tensor its own contiguous copy
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt"})
-    return path
-
-
-def heads_tensors(model: SCHaNeModel) -> dict[str, torch.Tensor]:
-    return {**{f"classifier.{k}": v for k, v in model.classifier.state_dict().items()},
-            **{f"projector.{k}": v for k, v in model.projector.state_dict().items()}}
 
 
 # --------------------------------------------------------------------------- layouts
@@ -325,13 +287,6 @@ def _beit3_layout(model: SCHaNeModel, heads: bool) -> tuple[dict[str, torch.Tens
 
 
 # --------------------------------------------------------------------------- config.json and the model card
-
-
-def export_preprocessing(cfg: Config, model: SCHaNeModel) -> dict[str, Any]:
-    pre = preprocessing_for(cfg, model)
-    s = int(cfg.data.img_size)
-    return {"input_size": [3, s, s], "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
-            "crop_pct": pre.crop_pct, "eval_resize": pre.eval_resize}
 
 
 def _timm_data_cfg(pre: dict[str, Any]) -> dict[str, Any]:

@@ -20,13 +20,18 @@ import torch
 from schane.config import to_dict
 from schane.models.hf import quiet_progress, save_hf_classifier
 from schane.models.model import SCHaNeModel
-from schane.pipelines.export import ExportResult, export_preprocessing, heads_tensors, save_safetensors
+from schane.pipelines.export_files import (
+    CARD_FILE,
+    HEADS_FILE,
+    ExportResult,
+    export_preprocessing,
+    heads_tensors,
+    save_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
 SCHANE_FILE = "schane.json"
-CARD_FILE = "README.md"
-HEADS_FILE = "heads.safetensors"
 
 
 def export_hf(loaded: Any, state: dict[str, Any], path: str | Path, out: Path, *, which: str, heads: bool) -> Any:

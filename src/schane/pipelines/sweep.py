@@ -153,6 +153,9 @@ def parse_scalar(text: str) -> Any:
     t = text.strip()
     if not t:
         raise ValueError("empty value")
+    if t[0] in "[{" or t[-1] in "]}":
+        raise ValueError(f"{t!r} is not a scalar (grid values are numbers, booleans or words; a list such as "
+                         "fewshot.shots=[1,5] goes in --set)")
     try:
         v = yaml.safe_load(t)
     except yaml.YAMLError:

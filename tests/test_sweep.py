@@ -252,3 +252,28 @@ def test_a_failing_run_is_listed_with_its_log_and_the_others_finish(image_root, 
     ok, bad = res["cells"]
     assert ok["metrics"]["test top-1"]["rows"][0]["n"] == 1 and bad["metrics"] == {} and "not evaluated" in bad["note"]
     assert "Runs that did not finish" in (out / "report.md").read_text()
+
+
+def test_slurm_options_reach_the_array_job_script(image_root, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from schane.pipelines.sweep_executors import SubmititJob, check_options, submitit_executor
+
+    bin_dir = tmp_path / "bin"  # stand-ins for Slurm's commands: srun exists, sbatch answers with a job id
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sweep = plan_sweep(load_config(classification_yaml(tmp_path, image_root)), ["optim.lr=1e-3,3e-3"], ["ce", "schane"],
+                       [0, 1], tmp_path / "out")
+    opts = ExecutorOptions(executor="slurm", jobs=3, partition="gpu", gpus_per_node=1, cpus_per_task=4, time_min=90)
+    check_options(opts, sweep)
+    jobs = submitit_executor(tmp_path / "out", opts, 3).map_array(SubmititJob(), [{"run": i} for i in range(4)])
+    assert [j.job_id for j in jobs] == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    script = jobs[0].paths.submission_file.read_text()
+    for line in ("--array=0-3%3", "--partition=gpu", "--signal=USR1@120", "--time=90", "--cpus-per-task=4",
+                 "--gpus-per-node=1"):
+        assert f"#SBATCH {line}" in script, line
+    with pytest.raises(ValueError, match="train.stop_signals"):
+        check_options(ExecutorOptions(executor="slurm", signal="SIGUSR2"), sweep)

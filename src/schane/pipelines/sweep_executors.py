@@ -267,7 +267,7 @@ def _run_inline(runs: Sequence[Run]) -> None:
 def _run_local(runs: Sequence[Run], out: Path, jobs: int, threads: int, gpus: int) -> None:
     """At most ``jobs`` worker processes at once (one: in this process); SIGTERM/Ctrl-C stop them at a step
     boundary."""
-    if jobs == 1 and not gpus:
+    if jobs == 1:
         _run_inline(runs)
         return
     spec_dir = out / "jobs"
@@ -351,8 +351,12 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
 # --------------------------------------------------------------------------- submitit
 
 
-def _run_submitit(runs: Sequence[Run], out: Path, opts: ExecutorOptions, jobs: int, threads: int | None) -> None:
-    """One ``map_array`` (Slurm: with ``array_parallelism=jobs``; local executor: ``jobs`` per array)."""
+def submitit_executor(out: Path, opts: ExecutorOptions, jobs: int) -> Any:
+    """submitit's ``AutoExecutor`` for ``opts`` (Slurm or local), its files in ``out/submitit``.
+
+    On Slurm: ``jobs`` array tasks at a time, ``--signal=SIG@delay`` (``opts.signal``, one of
+    ``train.stop_signals``), partition, GPUs and CPUs per task, the time limit.
+    """
     import submitit
 
     slurm = opts.executor == "slurm"
@@ -369,6 +373,15 @@ def _run_submitit(runs: Sequence[Run], out: Path, opts: ExecutorOptions, jobs: i
         if opts.cpus_per_task is not None:
             params["cpus_per_task"] = opts.cpus_per_task
     executor.update_parameters(**params)
+    return executor
+
+
+def _run_submitit(runs: Sequence[Run], out: Path, opts: ExecutorOptions, jobs: int, threads: int | None) -> None:
+    """One ``map_array`` (Slurm: with ``array_parallelism=jobs``; local executor: ``jobs`` per array)."""
+    import submitit
+
+    slurm = opts.executor == "slurm"
+    executor = submitit_executor(out, opts, jobs)
     waves = [list(runs)] if slurm else [list(runs[i:i + jobs]) for i in range(0, len(runs), jobs)]
     done = 0
     for wave in waves:
@@ -388,11 +401,10 @@ def _run_submitit(runs: Sequence[Run], out: Path, opts: ExecutorOptions, jobs: i
                         f.write(f"\nsubmitit job {job.job_id} failed:\n{e}\nsubmitit's own logs: {job.paths.stderr}\n")
                 done += 1
                 _report(run, done, len(runs))
-        except BaseException:
-            if not slurm:  # local jobs die with the sweep; Slurm jobs go on and a new sweep picks them up
-                for job in submitted:
-                    with contextlib.suppress(Exception):
-                        job.cancel(check=False)
+        except BaseException:  # Ctrl-C: the jobs are cancelled (SIGTERM first: each run writes its last.pt)
+            for job in submitted:
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
             raise
 
 

@@ -171,7 +171,7 @@ def test_submitit_local_executor_runs_the_grid_as_an_array(image_root, tmp_path)
     pytest.importorskip("submitit")
     out = tmp_path / "out"
     res = run_sweep(load_config(classification_yaml(tmp_path, image_root)), ["optim.lr=1e-3,3e-3"], ["ce", "schane"],
-                    [0, 1], out, options=ExecutorOptions(executor="submitit-local", jobs=4))
+                    [0, 1], out, options=ExecutorOptions(executor="submitit-local", jobs=8))
     assert res["failed"] == [] and res["evaluation"] == "classification" and res["executor"] == "submitit-local"
     assert [c["name"] for c in res["cells"]] == ["lr=1e-3", "lr=3e-3"]
     for cell in res["cells"]:
@@ -277,3 +277,28 @@ def test_slurm_options_reach_the_array_job_script(image_root, tmp_path, monkeypa
         assert f"#SBATCH {line}" in script, line
     with pytest.raises(ValueError, match="train.stop_signals"):
         check_options(ExecutorOptions(executor="slurm", signal="SIGUSR2"), sweep)
+
+
+def test_a_stopped_submitit_job_requeues_itself_and_resumes_its_run(image_root, tmp_path):
+    submitit = pytest.importorskip("submitit")
+    import re
+    import time
+
+    from schane.pipelines.sweep_executors import SubmititJob, job_spec
+
+    cfg = load_config(classification_yaml(tmp_path, image_root),  # 48 steps: the signal comes at the first
+                      ["optim.epochs=8", "train.max_steps_per_epoch=null", "train.log_every_steps=1"])
+    run = plan_sweep(cfg, [], ["ce"], [0], tmp_path / "out").runs[0]
+    run.log.parent.mkdir(parents=True)
+    executor = submitit.AutoExecutor(folder=tmp_path / "out" / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(SubmititJob(requeue=True), job_spec(run, 1))  # requeue as on Slurm
+    metrics, t0 = run.run_dir / "metrics.jsonl", time.monotonic()
+    while not (metrics.is_file() and '"train_step"' in metrics.read_text()) and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    os.kill(int(re.search(r"pid (\d+)", run.log.read_text()).group(1)), signal.SIGUSR1)  # Slurm's time-limit signal
+    assert job.result()["status"] == "finished"
+    log = run.log.read_text()
+    assert "SIGUSR1: stopped at epoch" in log and "resumed from" in log  # stopped, requeued, resumed
+    assert len(set(re.findall(r"pid (\d+)", log))) == 2
+    assert json.loads((run.run_dir / "final.json").read_text())["global_step"] == 8 * 6

@@ -205,9 +205,12 @@ class SubmititJob:
     checkpoint signal), and the requeued job resumes the run.
     """
 
+    def __init__(self, requeue: bool = True) -> None:
+        self.requeue = requeue
+
     def __call__(self, spec: dict[str, Any]) -> dict[str, Any]:
         out = run_job(spec)
-        if out["status"] == "stopped" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        if out["status"] == "stopped" and self.requeue:
             sig = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
             os.kill(os.getpid(), getattr(signal, sig))  # submitit's handler: checkpoint(), requeue, exit
             time.sleep(60)
@@ -386,7 +389,7 @@ def _run_submitit(runs: Sequence[Run], out: Path, opts: ExecutorOptions, jobs: i
     done = 0
     for wave in waves:
         specs = [job_spec(r, threads) for r in wave]
-        submitted = executor.map_array(SubmititJob(), specs)
+        submitted = executor.map_array(SubmititJob(requeue=slurm), specs)
         ids = {id(j): r for j, r in zip(submitted, wave, strict=True)}
         logger.info("[sweep] submitted %d job(s) (%s); submitit's files: %s", len(submitted),
                     submitted[0].job_id.split("_")[0] if submitted else "-", out / "submitit")

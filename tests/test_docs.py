@@ -32,7 +32,7 @@ def documented_commands() -> list[tuple[str, str]]:
         for line in _text(doc).splitlines():
             for m in re.finditer(r"(?:^|`|\s|-m )(schane [a-z][^`;&|#]*)", line):
                 cmd = m.group(1).strip()
-                if re.match(r"schane (train|eval|fewshot|report|analyze|compare|demo|inspect-weights|export|embed|predict|convert)\b",
+                if re.match(r"schane (train|eval|fewshot|sweep|report|analyze|compare|demo|inspect-weights|export|embed|predict|convert)\b",
                             cmd):
                     found.append((doc.name, cmd))
     return sorted(set(found))

@@ -1,5 +1,5 @@
-"""Command-line interface: ``schane train | eval | fewshot | report | analyze | compare | demo | inspect-weights |
-export | embed | predict | convert``.
+"""Command-line interface: ``schane train | eval | fewshot | sweep | report | analyze | compare | demo |
+inspect-weights | export | embed | predict | convert``.
 
 The CLI only parses arguments and calls a workflow of :mod:`schane.pipelines`; results go to standard
 output, progress and log lines to standard error. A user-caused error (a bad config value, a missing file,
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,25 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from schane.config import load_config
+    from schane.pipelines.sweep import ExecutorOptions, parse_grid, parse_list, parse_seeds, run_sweep
+    from schane.pipelines.sweep_report import format_summary
+
+    grid = [parse_grid(g) for g in args.grid]  # before the config: a malformed --grid is the first error
+    methods = parse_list(args.methods, "methods") if args.methods is not None else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    opts = ExecutorOptions(executor=args.executor, jobs=args.jobs, partition=args.partition,
+                           gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time_min=args.time,
+                           signal=args.signal)
+    cfg = load_config(args.config, args.overrides)
+    command = shlex.join(["schane", *args.argv])
+    results = run_sweep(cfg, grid, methods, seeds, args.out, options=opts, command=command,
+                        evaluation="validation" if args.validation_only else "auto")
+    print(format_summary(results))
+    return 1 if results["failed"] else 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from schane.pipelines.run_report import report_for_run  # lazy: start-up time
 
@@ -134,9 +154,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from schane.pipelines.demo import run_demo  # lazy: start-up time
     from schane.pipelines.fewshot import format_table  # lazy: start-up time
+    from schane.pipelines.sweep import RunsFailed  # lazy: start-up time
 
     out = args.out or ("runs/ablation" if args.ablation else "runs/demo")
-    report = run_demo(out_dir=out, seeds=args.seeds, overrides=args.overrides, ablation=args.ablation)
+    try:
+        report = run_demo(out_dir=out, seeds=args.seeds, overrides=args.overrides, ablation=args.ablation,
+                          jobs=args.jobs)
+    except RunsFailed as e:
+        print(f"schane demo: {e}", file=sys.stderr)
+        return 1
     print(format_table(json.loads((report.parent / "fewshot.json").read_text())))
     print(f"\nreport: {report}")
     return 0
@@ -227,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation and novel classes, with settings chosen for the data and printed first")
     p.set_defaults(func=_cmd_fewshot)
 
+    _add_sweep_command(sub)
+
     p = sub.add_parser("report", help="(re)write a run's report.md: test top-1 with its interval, curves, "
                                       "confusion matrix, per-class accuracy, misclassified images")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of 'schane train' (runs/NAME)")
@@ -249,11 +277,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true",
                    help="CE, SupCon, SCHaNe with beta=0 and SCHaNe (each + CE) on the demo's data, budget and seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the demo's)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process with 1/N of the threads (default: 1, one "
+                        "after another with all threads)")
     _add_set(p, "overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
 
     _add_model_io_commands(sub)
     return parser
+
+
+def _add_sweep_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "sweep", help="a grid of settings x methods x seeds, each run one job (local processes or a Slurm array); "
+                      "paired comparisons per grid value, sweep.json, report.md and plots",
+        description="Cross the --grid values; in each cell fine-tune every method once per seed (the runs 'schane "
+                    "fewshot' would train), then evaluate: few-shot sets with schane fewshot's protocol on "
+                    "identical episodes, classification sets with test top-1. Finished runs are reused and "
+                    "unfinished ones resumed when the sweep is submitted again. Exit code 1 when a run failed "
+                    "(listed with its log). See docs/sweeps.md.")
+    p.add_argument("--config", "-c", required=True, help="YAML config file (the base of every cell)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a config key and its values (YAML scalars), e.g. data.batch_size=16,32,64; keys that change "
+                        "together: 'data.batch_size,optim.lr=16,7.5e-4;32,1.5e-3' (groups split by ';'). Repeat "
+                        "--grid for a cross product")
+    p.add_argument("--methods", default=None, metavar="M1,M2,...",
+                   help="methods compared in every cell, e.g. ce,supcon,schane or schane_beta0, LOSS@key=value "
+                        "(default: the config's fewshot.losses)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...", help="training seeds, e.g. 0,1,2 "
+                   "(default: the config's fewshot.seeds)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="sweep directory: OUT/<cell>/<method>-seed<seed>, OUT/logs/, sweep.json, report.md, "
+                        "sweep_<key>.png (default: the config's output_dir/name)")
+    _add_set(p, "overrides of the config for every cell, e.g. --set optim.epochs=3")
+    p.add_argument("--validation-only", action="store_true",
+                   help="score each run on validation-class episodes only (to choose settings; the novel classes "
+                        "are never loaded)")
+    p.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"],
+                   help="local: parallel processes here (default); slurm: one submitit array job; submitit-local: "
+                        "submitit's local executor (the Slurm code path without Slurm)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs at once (local: default the threads torch would use, or the number of GPUs; each run "
+                        "gets 1/N of the threads; slurm: the array's parallelism, default all)")
+    slurm = p.add_argument_group("Slurm (--executor slurm)")
+    slurm.add_argument("--partition", default=None, help="Slurm partition")
+    slurm.add_argument("--gpus-per-node", type=int, default=None, metavar="G", help="GPUs per job")
+    slurm.add_argument("--cpus-per-task", type=int, default=None, metavar="C",
+                       help="CPUs per job (also its threads)")
+    slurm.add_argument("--time", type=int, default=240, metavar="MIN",
+                       help="time limit per job in minutes (default 240); a job that reaches it stops at a step "
+                            "boundary and is requeued, resuming its run")
+    slurm.add_argument("--signal", default="SIGUSR1",
+                       help="signal Slurm sends 120 s before the time limit (default SIGUSR1; one of "
+                            "train.stop_signals)")
+    p.set_defaults(func=_cmd_sweep)
 
 
 def _add_model_io_commands(sub: Any) -> None:
@@ -349,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     func: Callable[[argparse.Namespace], int] = args.func
     try:

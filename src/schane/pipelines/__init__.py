@@ -1,4 +1,4 @@
-"""The workflows: train and evaluate from a config, the few-shot study, compare/analyze, the demo, and
+"""The workflows: train and evaluate from a config, the few-shot study, sweeps, compare/analyze, the demo, and
 taking a fine-tuned model out (export, embed, predict).
 
 Each is a thin sequence of library calls on the shared set-up, split by job: :mod:`~schane.pipelines.splits`
@@ -27,6 +27,7 @@ _EXPORTS = {
     "run_compare": "compare",
     "analyze_checkpoint": "compare",
     "method_config": "compare",
+    "run_sweep": "sweep",
     "run_demo": "demo",
     "demo_config": "demo",
     "export_checkpoint": "export",

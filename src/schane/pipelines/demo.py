@@ -32,27 +32,19 @@ from typing import Any
 
 from schane.analysis.plots import training_curves, tsne_panels
 from schane.analysis.report import compute_embedding_metrics, write_report
-from schane.config import parse_method
 from schane.engine.checkpoint import load_checkpoint_model
 from schane.engine.device import resolve_device
 from schane.engine.evaluate import extract_features
-from schane.pipelines.fewshot import pretrained_model, run_fewshot, run_name
+from schane.pipelines.fewshot import label, pretrained_model, run_fewshot, run_name
 from schane.pipelines.runs import load_run_config, prepare_for_inference
 from schane.pipelines.splits import eval_dataset
+from schane.pipelines.sweep import ExecutorOptions, RunsFailed, plan_sweep
+from schane.pipelines.sweep_executors import execute
 
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = files("schane") / "configs" / "demo.yaml"
 ABLATION_METHODS = ("ce", "supcon", "schane_beta0", "schane")
-PRETRAINED_LABEL = "pretrained (no fine-tuning)"
-
-
-def label(method: str) -> str:
-    """The report label of a method (``pretrained`` or a compared method)."""
-
-    return PRETRAINED_LABEL if method == "pretrained" else parse_method(method, "fewshot.losses")[0]
-
-
 def demo_config(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = None,
                 overrides: Sequence[str] | None = None, *, ablation: bool = False) -> Any:
     """The demo's :class:`~schane.config.Config`, with its run directory at ``out_dir``.
@@ -108,24 +100,34 @@ def _accuracy(results: dict[str, Any], method: str) -> dict[str, tuple[float, fl
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seeds: Sequence[int] | None = None,
-             overrides: Sequence[str] | None = None, *, ablation: bool = False) -> Path:
+             overrides: Sequence[str] | None = None, *, ablation: bool = False, jobs: int = 1) -> Path:
     """Run the demo (or its ablation) end to end and return the path of its ``report.md``.
 
+    The training runs (every method x seed) are a sweep without a grid (:mod:`schane.pipelines.sweep`): each
+    run is a job with its log in ``out_dir/logs/``, the same run directory and config as ``schane fewshot``
+    would train; then ``run_fewshot`` evaluates them all on identical episodes.
+
     Args:
-        out_dir: output directory; finished training runs in it are reused.
+        out_dir: output directory; finished training runs in it are reused, unfinished ones resumed.
         seeds: training seeds (default: the config's, three).
         overrides: ``key=value`` overrides of the demo config (e.g. ``fewshot.episodes=2000``).
         ablation: CE, SupCon, SCHaNe β = 0 and SCHaNe (each + CE) instead of CE and SCHaNe.
+        jobs: runs trained at once, each with ``1/jobs`` of the threads (1: one after another).
 
     Returns:
         Path of ``report.md``.
 
     Raises:
-        ValueError: on invalid overrides.
+        ValueError: on invalid overrides, or a run directory in ``out_dir`` holding a run of another config.
+        RunsFailed: when a training run failed (each listed with its log); the finished ones are kept.
     """
 
     t0 = time.perf_counter()
     cfg = demo_config(out_dir, seeds, overrides, ablation=ablation)
+    sweep = plan_sweep(cfg, evaluation="fewshot")  # the config's methods and seeds, no grid: runs in out_dir
+    execute(sweep, ExecutorOptions(jobs=jobs))
+    if sweep.failed:
+        raise RunsFailed(sweep.failed)
     results = run_fewshot(cfg)
 
     logger.info("[demo] embedding metrics on the novel (test) classes")

@@ -54,6 +54,12 @@ from schane.pipelines.train import train
 logger = logging.getLogger(__name__)
 
 PRETRAINED = "pretrained"
+PRETRAINED_LABEL = "pretrained (no fine-tuning)"
+
+
+def label(method: str) -> str:
+    """The report label of a method (``pretrained`` or a compared method such as ``schane_beta0``)."""
+    return PRETRAINED_LABEL if method == PRETRAINED else parse_method(method, "fewshot.losses")[0]
 
 
 

@@ -194,6 +194,7 @@ def test_submitit_local_executor_runs_the_grid_as_an_array(image_root, tmp_path)
 
 
 def test_interrupted_sweep_submitted_again_finishes_without_redoing_finished_runs(image_root, tmp_path, monkeypatch):
+    import schane.pipelines.sweep_executors as executors
     import schane.pipelines.train as pt
 
     base = load_config(classification_yaml(tmp_path, image_root))
@@ -206,7 +207,7 @@ def test_interrupted_sweep_submitted_again_finishes_without_redoing_finished_run
                 os.kill(os.getpid(), signal.SIGUSR1)  # the cluster's signal: a checkpoint at this step boundary
         return plain(cfg, resume, callback=cb if cfg.name == "ce-seed1" and "lr=1e-3" in str(cfg.run_dir) else None)
 
-    monkeypatch.setattr(pt, "train", stop_second_run)
+    monkeypatch.setattr(executors, "train", stop_second_run)  # the in-process executor's training
     first = run_sweep(base, grid, ["ce"], [0, 1], out, options=ExecutorOptions(jobs=1))
     status = {(r["cell"], r["seed"]): r["status"] for r in first["cells"][0]["runs"] + first["cells"][1]["runs"]}
     assert status == {("lr=1e-3", 0): "finished", ("lr=1e-3", 1): "stopped", ("lr=3e-3", 0): "stopped",
@@ -217,7 +218,7 @@ def test_interrupted_sweep_submitted_again_finishes_without_redoing_finished_run
     done = out / "lr=1e-3" / "ce-seed0" / "last.pt"
     mtime = done.stat().st_mtime_ns
 
-    monkeypatch.setattr(pt, "train", plain)
+    monkeypatch.setattr(executors, "train", plain)
     again = run_sweep(base, grid, ["ce"], [0, 1], out, options=ExecutorOptions(jobs=1))
     status = {(r["cell"], r["seed"]): r["status"] for c in again["cells"] for r in c["runs"]}
     assert status == {("lr=1e-3", 0): "reused", ("lr=1e-3", 1): "finished", ("lr=3e-3", 0): "finished",

@@ -108,9 +108,15 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from schane.config import load_config
-    from schane.pipelines.sweep import ExecutorOptions, parse_grid, parse_list, parse_seeds, run_sweep
-    from schane.pipelines.sweep_report import format_summary
+    from schane.config import load_config  # lazy: start-up time
+    from schane.pipelines.sweep import (  # lazy: start-up time
+        ExecutorOptions,
+        parse_grid,
+        parse_list,
+        parse_seeds,
+        run_sweep,
+    )
+    from schane.pipelines.sweep_report import format_summary  # lazy: start-up time
 
     grid = [parse_grid(g) for g in args.grid]  # before the config: a malformed --grid is the first error
     methods = parse_list(args.methods, "methods") if args.methods is not None else None

@@ -30,7 +30,8 @@ def documented_commands() -> list[tuple[str, str]]:
     found = []
     for doc in DOCS:
         for line in _text(doc).splitlines():
-            for m in re.finditer(r"(?:^|`|\s|-m )(schane [a-z][^`;&|#]*)", line):
+            # a command ends at a backtick or a shell separator outside quotes (';' inside --grid '...;...')
+            for m in re.finditer(r"(?:^|`|\s|-m )(schane [a-z](?:'[^']*'|[^`;&|#'])*)", line):
                 cmd = m.group(1).strip()
                 if re.match(r"schane (train|eval|fewshot|sweep|report|analyze|compare|demo|inspect-weights|export|embed|predict|convert)\b",
                             cmd):
